@@ -1,0 +1,139 @@
+"""Activation capture: per-sample reductions of the residual stream at chosen layers, computed inside
+forward hooks so that no [batch, tokens, hidden] tensor outlives its layer, and the forward pass stops
+right after the last layer needed (the LM head never runs).
+
+Layer numbering: 0 = embedding output (input of block 0), L = output of decoder block L-1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .chat import batches_by_length, pad_batch
+from .errors import LayerError
+from .progress import Progress, no_progress
+
+if TYPE_CHECKING:
+    from .models import Model
+
+#: Reductions of a (prompt, response) sample: mean over response tokens, mean over prompt tokens,
+#: the last prompt token (whose projection predicts the answer), mean over all tokens.
+POSITIONS = ("response", "prompt", "last_prompt", "all")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Token ids of a rendered chat prompt (system + user + generation prompt) and of the answer."""
+
+    prompt: list[int]
+    response: list[int]
+
+
+class _Stop(Exception):
+    """Raised by the hook on the last needed layer to end the forward pass early."""
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a decoder block's output (a tensor or a tuple starting with one)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def replace_block_output(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _masks(samples: Sequence[Sample], width: int, device: torch.device) -> dict[str, torch.Tensor]:
+    plen = torch.tensor([len(s.prompt) for s in samples], device=device)
+    total = plen + torch.tensor([len(s.response) for s in samples], device=device)
+    pos = torch.arange(width, device=device)[None, :]
+    prompt = (pos < plen[:, None]).float()
+    response = ((pos >= plen[:, None]) & (pos < total[:, None])).float()
+    return {"prompt": prompt, "response": response, "all": prompt + response,
+            "last_prompt": (plen - 1).long()}
+
+
+def _reduce(hidden: torch.Tensor, position: str, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    h = hidden.float()
+    if position == "last_prompt":
+        return h[torch.arange(h.shape[0], device=h.device), masks["last_prompt"]]
+    mask = masks[position]
+    return torch.einsum("bt,bth->bh", mask, h) / mask.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def iter_reductions(model: Model, samples: Sequence[Sample], *, layers: Sequence[int] | None = None,
+                    positions: Sequence[str] = ("response",), batch_size: int = 16,
+                    max_tokens: int = 16384, progress: Progress = no_progress,
+                    task: str = "capture") -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Yield (sample indices, {position: [batch, len(layers), hidden] float32}) batch by batch.
+
+    Batches are length-sorted and right-padded (positions come from the lengths, never from raw
+    indices); the forward pass is no-grad, without KV cache, and stops after max(layers)."""
+    n = model.n_layers
+    wanted = sorted(set(range(n + 1) if layers is None else layers))
+    if not wanted or wanted[0] < 0 or wanted[-1] > n:
+        raise LayerError(f"capture layers must lie in 0..{n} (0 = embeddings), got {list(layers or [])}")
+    bad = [p for p in positions if p not in POSITIONS]
+    if bad:
+        raise ValueError(f"unknown positions {bad}; choose from {POSITIONS}")
+    slot = {layer: k for k, layer in enumerate(wanted)}
+    last = wanted[-1]
+    lengths = [len(s.prompt) + len(s.response) for s in samples]
+    groups = batches_by_length(lengths, max_tokens=max_tokens, max_batch=batch_size)
+    state: dict[str, Any] = {}
+
+    def record(layer: int, hidden: torch.Tensor) -> None:
+        for p in positions:
+            state["out"][p][:, slot[layer]] = _reduce(hidden, p, state["masks"])
+        if layer == last:
+            raise _Stop
+
+    handles = []
+    if 0 in slot:
+        handles.append(model.layers[0].register_forward_pre_hook(
+            lambda _m, args, kwargs: record(0, args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True))
+    for layer in wanted:
+        if layer > 0:
+            handles.append(model.layers[layer - 1].register_forward_hook(
+                lambda _m, _a, out, layer=layer: record(layer, block_output(out))))
+    done = 0
+    progress(task, 0, len(samples))
+    try:
+        for group in groups:
+            batch = [samples[i] for i in group]
+            ids, mask = pad_batch([s.prompt + s.response for s in batch], model.tokenizer.pad_token_id,
+                                  side="right", device=model.device)
+            state["masks"] = _masks(batch, ids.shape[1], model.device)
+            state["out"] = {p: torch.zeros(len(batch), len(wanted), model.hidden_size, device=model.device)
+                            for p in positions}
+            with torch.no_grad():
+                try:
+                    model.hf(input_ids=ids, attention_mask=mask, use_cache=False)
+                except _Stop:
+                    pass
+            yield group, state["out"]
+            done += len(group)
+            progress(task, done, len(samples))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture_means(model: Model, samples: Sequence[Sample], *, layers: Sequence[int] | None = None,
+                  positions: Sequence[str] = ("response", "prompt", "last_prompt"), batch_size: int = 16,
+                  max_tokens: int = 16384, progress: Progress = no_progress,
+                  task: str = "capture") -> dict[str, torch.Tensor]:
+    """Mean over samples of each per-sample reduction: {position: [len(layers), hidden]} (all layers
+    0..n_layers by default). Running sums in float64: memory does not grow with the sample count."""
+    if not samples:
+        raise ValueError("capture_means needs at least one sample")
+    sums: dict[str, torch.Tensor] = {}
+    for _, out in iter_reductions(model, samples, layers=layers, positions=positions, batch_size=batch_size,
+                                  max_tokens=max_tokens, progress=progress, task=task):
+        for p, t in out.items():
+            s = t.double().sum(0)
+            sums[p] = sums[p] + s if p in sums else s
+    return {p: (s / len(samples)).float().cpu() for p, s in sums.items()}

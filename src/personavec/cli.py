@@ -1,0 +1,219 @@
+"""The `personavec` command line: it parses, calls the library and draws progress; no logic here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import PersonavecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Persona vectors: extract trait directions from a chat model and steer with them.")
+traits_app = typer.Typer(no_args_is_help=True, help="Built-in and user trait files.")
+vector_app = typer.Typer(no_args_is_help=True, help="Inspect persona vector files.")
+app.add_typer(traits_app, name="traits")
+app.add_typer(vector_app, name="vector")
+out = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, model folder or .gguf file "
+                                              "(default: the embedded SmolLM2-135M-Instruct).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best available).")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bf16 where fast).")]
+LayersPathOpt = Annotated[str | None, typer.Option("--layers-path", help="Dotted path of the decoder blocks, "
+                                                   "for architectures discovery does not know.")]
+
+
+@contextmanager
+def progress_bars() -> Iterator[Any]:
+    """A rich progress display and a library callback that feeds it, one bar per task name."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=False) as bars:
+        ids: dict[str, Any] = {}
+
+        def callback(task: str, done: int, total: int) -> None:
+            if task not in ids:
+                ids[task] = bars.add_task(task, total=total)
+            bars.update(ids[task], completed=done, total=total)
+
+        yield callback
+
+
+def _load(model: str | None, device: str | None, dtype: str | None, layers_path: str | None) -> Any:
+    from .models import load_model
+
+    with err.status(f"loading {model or 'the embedded model'}…"):
+        return load_model(model, device=device, dtype=dtype, layers_path=layers_path)
+
+
+@app.command()
+def extract(
+    trait: Annotated[str, typer.Option(help="Built-in trait name or trait YAML file.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Vector file to write (.pv.safetensors).")],
+    model: ModelOpt = None,
+    judge: Annotated[str, typer.Option(help="contrast | local | local:MODEL | openai:MODEL[@URL]")] = "contrast",
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: OUT.run); rerun to resume.")] = None,
+    n_questions: Annotated[int | None, typer.Option(help="Use the first N extraction questions.")] = None,
+    n_pairs: Annotated[int | None, typer.Option(help="Use the first N prompt pairs.")] = None,
+    rollouts: Annotated[int, typer.Option(help="Answers per (system prompt, question).")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 48,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
+    threshold: Annotated[float | None, typer.Option(help="Trait-score threshold (default: judge's neutral point).")] = None,
+    seed: int = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 32,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
+) -> None:
+    """Extract a persona vector: rollouts under contrastive prompts, judge, filter, capture, difference."""
+    from .extract import extract as run_extract
+    from .traits import load_trait
+
+    loaded = load_trait(trait)  # fail on a bad trait before spending time on the model
+    m = _load(model, device, dtype, layers_path)
+    folder = run_dir or out_path.with_name(out_path.name + ".run")
+    with progress_bars() as cb:
+        vec = run_extract(m, loaded, judge=judge, run_dir=folder, batch_size=batch_size, progress=cb,
+                          n_questions=n_questions, n_pairs=n_pairs, rollouts=rollouts,
+                          max_new_tokens=max_new_tokens, temperature=temperature, threshold=threshold, seed=seed)
+    vec.save(out_path)
+    c = vec.meta["counts"]
+    out.print(f"wrote {out_path}: trait {vec.trait}, shape [{vec.n_layers + 1}, {vec.hidden_size}], kept "
+              f"{c['positive_kept']}/{c['positive_total']} positive and {c['negative_kept']}/{c['negative_total']} "
+              f"negative rollouts (judge {vec.meta['judge']}); run folder {folder}")
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str] | None, typer.Argument(help="User messages to answer.")] = None,
+    file: Annotated[Path | None, typer.Option(help="A text file with one prompt per line.")] = None,
+    vector: Annotated[Path | None, typer.Option(help="Persona vector file to steer with.")] = None,
+    layer: Annotated[str | None, typer.Option(help="Layer L (1..n; L = output of block L), 'a,b' or 'all'. "
+                                              "Default: the vector's chosen layer.")] = None,
+    coef: Annotated[list[float] | None, typer.Option(help="Steering coefficient; repeat to compare several.")] = None,
+    positions: Annotated[str, typer.Option(help="all | prompt | response")] = "response",
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    model: ModelOpt = None,
+    max_new_tokens: int = 96, temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    seed: int = 0,
+    allow_model_mismatch: Annotated[bool, typer.Option(help="Apply a vector made on other weights.")] = False,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
+) -> None:
+    """Answer prompts, optionally steered by a persona vector at one or more coefficients."""
+    from .chat import messages_for
+    from .generation import generate as run_generate
+    from .vectors import PersonaVector
+
+    texts = list(prompts or [])
+    if file is not None:
+        if not file.is_file():
+            raise PersonavecError(f"prompt file '{file}' does not exist")
+        texts += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise PersonavecError("no prompts: pass them as arguments or with --file")
+    coefs = coef or [1.0 if vector else 0.0]
+    vec = PersonaVector.load(vector) if vector else None
+    if vec is None and any(c != 0 for c in coefs):
+        raise PersonavecError("--coef needs --vector")
+    m = _load(model, device, dtype, layers_path)
+    chosen: Any = None
+    if vec is not None:
+        vec.check_model(m, allow_model_mismatch)
+        chosen = _parse_layer(layer) if layer is not None else vec.layer
+    conversations = [messages_for(t, system) for t in texts]
+    answers: dict[float, list[str]] = {}
+    with progress_bars() as cb:
+        for c in coefs:
+            handle = vec.steer(m, layer=chosen, coef=c, positions=positions,
+                               allow_mismatch=allow_model_mismatch) if vec is not None else None
+            try:
+                answers[c] = run_generate(m, conversations, max_new_tokens=max_new_tokens, temperature=temperature,
+                                          seed=seed, progress=cb, task=f"coef {c:+g}")
+            finally:
+                if handle is not None:
+                    handle.remove()
+    where = f" at layer {chosen}" if vec is not None else ""
+    for i, t in enumerate(texts):
+        out.rule(f"[bold]{t}")
+        for c in coefs:
+            label = f"coef {c:+g}{where}" if vec is not None else "answer"
+            out.print(f"[cyan]{label}:[/cyan] {answers[c][i]}")
+
+
+def _parse_layer(text: str) -> int | list[int] | str:
+    if text == "all":
+        return "all"
+    try:
+        parts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PersonavecError(f"--layer must be an integer, a comma list or 'all', got '{text}'") from None
+    if not parts:
+        raise PersonavecError("--layer is empty")
+    return parts[0] if len(parts) == 1 else parts
+
+
+@traits_app.command("list")
+def traits_list() -> None:
+    """List the built-in traits."""
+    from .traits import builtin_traits, load_trait
+
+    table = Table("trait", "pairs", "extraction", "evaluation", "description")
+    for name in builtin_traits():
+        t = load_trait(name).trait
+        table.add_row(name, str(len(t.pairs)), str(len(t.extraction_questions)), str(len(t.evaluation_questions)),
+                      t.description.split(". ")[0][:70])
+    out.print(table)
+
+
+@traits_app.command("show")
+def traits_show(trait: Annotated[str, typer.Argument(help="Built-in name or trait file.")]) -> None:
+    """Print a trait file (validated)."""
+    from .traits import load_trait
+
+    loaded = load_trait(trait)
+    out.print(f"# {loaded.source} (sha256 {loaded.sha256[:16]})")
+    out.print(Path(loaded.source).read_text(encoding="utf-8"), markup=False, highlight=False)
+
+
+@vector_app.command("info")
+def vector_info(path: Annotated[Path, typer.Argument(help="A .pv.safetensors file.")],
+                as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Show a vector's provenance and per-layer norms (layer L = output of decoder block L; 0 = embeddings)."""
+    from .vectors import PersonaVector
+
+    summary = PersonaVector.load(path).summary()
+    if as_json:
+        out.print_json(json.dumps(summary, default=str))
+        return
+    meta = summary["meta"]
+    table = Table("field", "value", title=str(path))
+    for key in ("trait", "model_id", "fingerprint", "n_layers", "hidden_size", "judge", "threshold", "counts",
+                "best_layer", "trait_sha256", "version", "created", "layer_convention"):
+        if key in meta:
+            table.add_row(key, json.dumps(meta[key]) if isinstance(meta[key], dict) else str(meta[key]))
+    table.add_row("shape", str(summary["shape"]))
+    out.print(table)
+    norms = summary["norms"].get("response") or next(iter(summary["norms"].values()))
+    out.print("response-vector norm by layer: " + ", ".join(f"{i}:{n:.1f}" for i, n in enumerate(norms)))
+
+
+def main() -> None:
+    try:
+        app()
+    except PersonavecError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; rerun the same command to resume where a run folder is used")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

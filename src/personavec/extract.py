@@ -1,0 +1,200 @@
+"""The extraction pipeline: rollouts under contrastive system prompts → judge → filter → capture →
+mean(positive) − mean(negative) at every layer and for every capture position.
+
+With a run folder, every rollout and score is appended as it is produced, so an interrupted run resumes
+without redoing finished work; keys (side/pair/question/rollout) identify rows, never file positions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .capture import Sample, capture_means
+from .chat import encode_chat, encode_response, messages_for
+from .errors import PersonavecError
+from .generation import generate_ids
+from .io import append_jsonl, read_jsonl
+from .judges import Judge, JudgeItem, make_judge
+from .progress import Progress, no_progress
+from .runs import open_run
+from .traits import LoadedTrait, load_trait
+from .vectors import LAYER_CONVENTION, PersonaVector, now_iso
+
+if TYPE_CHECKING:
+    from .models import Model
+
+CAPTURE_POSITIONS = ("response", "prompt", "last_prompt")
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Defaults finish on the embedded model in a few minutes on two CPU cores."""
+
+    n_questions: int | None = None  # None = all extraction questions
+    n_pairs: int | None = None  # None = all prompt pairs
+    rollouts: int = 1
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    threshold: float | None = None  # None = the judge's neutral threshold
+    coherence_min: float = 50.0  # applies only to judges that score coherence
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("n_questions", "n_pairs"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise PersonavecError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+        if self.rollouts < 1 or self.max_new_tokens < 1:
+            raise PersonavecError("--rollouts and --max-new-tokens must be at least 1")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise PersonavecError(f"--temperature must be a finite number ≥ 0, got {self.temperature}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise PersonavecError(f"--threshold must be finite, got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    key: str
+    side: str  # "pos" | "neg"
+    pair: int
+    question: int
+    rollout: int
+    system: str
+    question_text: str
+
+
+def plan_rollouts(trait: LoadedTrait, s: ExtractSettings) -> list[Rollout]:
+    t = trait.trait
+    questions = t.extraction_questions[: s.n_questions]
+    pairs = t.pairs[: s.n_pairs]
+    plan = []
+    for side in ("pos", "neg"):
+        for p, pair in enumerate(pairs):
+            system = pair.positive if side == "pos" else pair.negative
+            for q, question in enumerate(questions):
+                for r in range(s.rollouts):
+                    plan.append(Rollout(f"{side}/{p}/{q}/{r}", side, p, q, r, system, question))
+    return plan
+
+
+class _Records:
+    """JSONL records keyed by 'key'; in memory when there is no run folder."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {r["key"]: r for r in read_jsonl(path)} if path else {}
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        if self.path:
+            append_jsonl(self.path, rows)
+        self.rows.update({r["key"]: r for r in rows})
+
+
+def _offset(progress: Progress, task: str, base: int, total: int) -> Progress:
+    return lambda _t, done, _n: progress(task, base + done, total)
+
+
+def extract(model: Model, trait: str | Path | LoadedTrait, *, judge: Judge | str | None = None,
+            settings: ExtractSettings | None = None, run_dir: str | Path | None = None, batch_size: int = 32,
+            progress: Progress = no_progress, **overrides: Any) -> PersonaVector:
+    """Extract a persona vector. `trait`: a built-in name or a trait file. `judge`: a Judge, a judge spec
+    string ("contrast", "openai:MODEL", "local"), or None for the judge-free contrast scorer.
+    Keyword overrides set ExtractSettings fields, e.g. extract(model, "evil", n_questions=5)."""
+    loaded = trait if isinstance(trait, LoadedTrait) else load_trait(trait)
+    s = settings or ExtractSettings()
+    if overrides:
+        s = ExtractSettings(**{**asdict(s), **overrides})
+    s.validate()
+    the_judge = judge if isinstance(judge, Judge) else make_judge(judge, model, loaded.trait)
+    threshold = the_judge.threshold if s.threshold is None else s.threshold
+    folder = None
+    if run_dir is not None:
+        folder = open_run(run_dir, "extract", {
+            "model_id": model.model_id, "fingerprint": model.fingerprint, "trait": loaded.trait.name,
+            "trait_sha256": loaded.sha256, "judge": the_judge.name, **asdict(s)})
+    plan = plan_rollouts(loaded, s)
+    tok = model.tokenizer
+    rollouts = _Records(folder / "rollouts.jsonl" if folder else None)
+    scores = _Records(folder / "scores.jsonl" if folder else None)
+
+    # 1. rollouts, in chunks that are checkpointed as they finish
+    todo = [r for r in plan if r.key not in rollouts.rows]
+    chunk = max(batch_size * 2, 1)
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        prompts = [encode_chat(tok, messages_for(r.question_text, r.system)) for r in part]
+        outs = generate_ids(model, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                            seed=s.seed + 7919 * (len(plan) - len(todo) + start), batch_size=batch_size,
+                            progress=_offset(progress, "rollouts", len(plan) - len(todo) + start, len(plan)))
+        rollouts.add([{**asdict(r), "response": tok.decode(o, skip_special_tokens=True).strip()}
+                      for r, o in zip(part, outs, strict=True)])
+    progress("rollouts", len(plan), len(plan))
+
+    # 2. judge scores (and coherence where the judge has it)
+    todo = [r for r in plan if r.key not in scores.rows]
+    chunk = max(batch_size * 4, 1)
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        items = [JudgeItem(r.question_text, rollouts.rows[r.key]["response"], r.system) for r in part]
+        base = len(plan) - len(todo) + start
+        trait_scores = the_judge.score_batch(items, loaded.trait.rubric,
+                                             progress=_offset(progress, "judge", base, len(plan)))
+        coherence = (the_judge.coherence_batch(items) if the_judge.scores_coherence
+                     else [None] * len(items))
+        scores.add([{"key": r.key, "score": sc, "coherence": co}
+                    for r, sc, co in zip(part, trait_scores, coherence, strict=True)])
+    progress("judge", len(plan), len(plan))
+
+    # 3. filter by key: positive kept at/above the threshold, negative below, coherent where scored
+    kept: dict[str, list[Sample]] = {"pos": [], "neg": []}
+    totals = {"pos": 0, "neg": 0}
+    for r in plan:
+        totals[r.side] += 1
+        row, sc = rollouts.rows[r.key], scores.rows[r.key]
+        score, coh = sc["score"], sc["coherence"]
+        if score is None or not row["response"]:
+            continue
+        if coh is not None and coh < s.coherence_min:
+            continue
+        if (r.side == "pos") != (score >= threshold):
+            continue
+        response = encode_response(tok, row["response"])
+        kept[r.side].append(Sample(encode_chat(tok, messages_for(r.question_text, r.system)), response))
+    for side, name in (("pos", "positive"), ("neg", "negative")):
+        if not kept[side]:
+            raise PersonavecError(f"no {name} rollout passed the filter (threshold {threshold} with judge "
+                                  f"{the_judge.name}); raise --rollouts or --n-questions, or change --threshold")
+
+    # 4. capture running means at every layer and take the difference
+    means = {side: capture_means(model, kept[side], positions=CAPTURE_POSITIONS, batch_size=batch_size // 2 or 1,
+                                 progress=progress, task=f"capture {side}")
+             for side in ("pos", "neg")}
+    tensors = {p: means["pos"][p] - means["neg"][p] for p in CAPTURE_POSITIONS}
+    meta = {
+        "model_id": model.model_id, "fingerprint": model.fingerprint, "hidden_size": model.hidden_size,
+        "n_layers": model.n_layers, "layer_convention": LAYER_CONVENTION, "positions": list(CAPTURE_POSITIONS),
+        "trait": loaded.trait.name, "trait_sha256": loaded.sha256, "trait_source": loaded.source,
+        "judge": the_judge.name, "threshold": threshold, "coherence_min": s.coherence_min,
+        "counts": {"positive_kept": len(kept["pos"]), "negative_kept": len(kept["neg"]),
+                   "positive_total": totals["pos"], "negative_total": totals["neg"]},
+        "settings": asdict(s), "version": __version__, "created": now_iso(),
+        "run_dir": str(folder) if folder else None,
+    }
+    vector = PersonaVector(tensors=tensors, meta=meta)
+    if folder:
+        vector.save(folder / "vector.pv.safetensors")
+    return vector
+
+
+def rollout_table(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Rollouts joined with their scores, for inspection and reports."""
+    folder = Path(run_dir)
+    scores = {r["key"]: r for r in read_jsonl(folder / "scores.jsonl")}
+    return [{**r, **{k: v for k, v in scores.get(r["key"], {}).items() if k != "key"}}
+            for r in read_jsonl(folder / "rollouts.jsonl")]
+
+

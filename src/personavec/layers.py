@@ -1,0 +1,82 @@
+"""Find the decoder blocks of a causal LM.
+
+Layer numbering used everywhere in personavec: index 0 is the embedding output (the input of block 0),
+index L (1..n_layers) is the output of decoder block L-1 counted from zero, i.e. "after L blocks".
+A vector for layer L is therefore added by a hook on block L-1.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import LayerError
+
+# Dotted paths tried in order; they cover Llama, Mistral, Qwen2, Gemma, Phi (model.layers),
+# GPT-2 / GPT-J / Falcon (transformer.h), GPT-NeoX / Pythia (gpt_neox.layers), OPT (model.decoder.layers),
+# multimodal wrappers (model.language_model.layers) and PEFT wrappers (base_model.model.…).
+LAYER_PATHS: tuple[str, ...] = (
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.layers",
+    "transformer.blocks",
+    "backbone.layers",
+    "layers",
+    "h",
+)
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    cur: object = module
+    for part in path.split("."):
+        if not hasattr(cur, part):
+            return None
+        cur = getattr(cur, part)
+    return cur if isinstance(cur, nn.Module) else None
+
+
+def _n_layers_from_config(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def find_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return (dotted path, ModuleList of decoder blocks). `path` overrides discovery."""
+    if path is not None:
+        found = _get(model, path)
+        if not isinstance(found, nn.ModuleList):
+            raise LayerError(f"layers path '{path}' is not a ModuleList in {type(model).__name__}; "
+                             "check the name with print(model)")
+        return path, found
+    for prefix in ("", "base_model.model.", "base_model."):
+        for candidate in LAYER_PATHS:
+            found = _get(model, prefix + candidate)
+            if isinstance(found, nn.ModuleList) and len(found) > 0:
+                return prefix + candidate, found
+    expected = _n_layers_from_config(model)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == expected:
+            return name, module
+    raise LayerError(f"cannot find the decoder blocks of {type(model).__name__}; "
+                     "pass layers_path='dotted.path.to.blocks' (e.g. 'model.layers')")
+
+
+def check_layer(layer: int, n_layers: int) -> int:
+    """Validate a layer index in personavec numbering (1..n_layers are steerable block outputs)."""
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise LayerError(f"layer must be an integer, got {layer!r}")
+    if not 1 <= layer <= n_layers:
+        raise LayerError(f"layer {layer} is out of range: this model has layers 1..{n_layers} "
+                         "(0 is the embedding output and cannot be steered)")
+    return layer

@@ -1,0 +1,167 @@
+"""Interventions on the residual stream through forward hooks (never module replacement).
+
+`intervene` is the primitive: at chosen layers, a transform rewrites the block output at chosen
+positions. `steer` adds coef × vector[L]; `ablate` projects a direction out (CAFT-style). Each returns a
+handle that is also a context manager; after removal the model computes exactly what it did before.
+
+Layer L (1..n_layers) is the output of decoder block L-1, so vector[L] is added by a hook on block L-1.
+
+Positions, for generation with the KV cache and left-padded batches:
+  all       every position, every step;
+  prompt    every position of the first (prefill) forward, nothing afterwards;
+  response  the positions that predict response tokens: the last prompt position in the prefill and
+            every generated token afterwards (the persona-vectors paper's convention);
+  a bool tensor [batch, seq] for a single cache-free forward, e.g. a full prompt+response sequence.
+Padding positions may receive the vector too; they are masked out of attention so nothing reads them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from .capture import block_output, replace_block_output
+from .errors import SteeringError
+from .layers import check_layer
+
+if TYPE_CHECKING:
+    from .models import Model
+
+Positions = str | torch.Tensor
+Transform = Callable[[torch.Tensor], torch.Tensor]  # hidden [..., h] -> change to add [..., h] (or [h])
+STEER_POSITIONS = ("all", "prompt", "response")
+
+
+@dataclass
+class Handle:
+    """Removable set of hooks; `with` removes them on exit, `remove()` does it by hand (idempotent)."""
+
+    hooks: list[RemovableHandle] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _past_length(hidden: torch.Tensor, kwargs: dict[str, Any]) -> int:
+    cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value", kwargs.get("layer_past"))))
+    if cache is not None:
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, tuple) and cache and isinstance(cache[0], torch.Tensor):
+            return int(cache[0].shape[-2])
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        return int(mask.shape[-1] - hidden.shape[1])
+    return 0
+
+
+def _step_mask(positions: Positions, hidden: torch.Tensor, past: int) -> torch.Tensor | None:
+    """[batch, seq, 1] weights for this forward step, or None for 'every position'."""
+    batch, seq = hidden.shape[:2]
+    if isinstance(positions, torch.Tensor):
+        if past or positions.shape != (batch, seq):
+            raise SteeringError(f"a positions mask of shape {tuple(positions.shape)} does not fit a forward of "
+                                f"shape ({batch}, {seq}) with {past} cached tokens; masks are for cache-free forwards")
+        return positions.to(hidden.device, hidden.dtype)[..., None]
+    if positions == "all":
+        return None
+    mask = torch.zeros(batch, seq, 1, dtype=hidden.dtype, device=hidden.device)
+    if positions == "prompt" and past == 0:
+        mask[:] = 1
+    elif positions == "response":
+        if past == 0:
+            mask[:, -1] = 1
+        else:
+            mask[:] = 1
+    return mask
+
+
+def _check_positions(positions: Positions) -> None:
+    if isinstance(positions, torch.Tensor):
+        if positions.dim() != 2:
+            raise SteeringError("a positions mask must have shape [batch, seq]")
+    elif positions not in STEER_POSITIONS:
+        raise SteeringError(f"unknown positions '{positions}'; choose one of {', '.join(STEER_POSITIONS)}")
+
+
+def intervene(model: Model, transforms: Mapping[int, Transform], positions: Positions = "all") -> Handle:
+    """Add `transforms[L](h)` to the output h of layer L at `positions` during every forward pass."""
+    _check_positions(positions)
+    for layer in transforms:
+        check_layer(layer, model.n_layers)
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def track(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        state["mask"] = _step_mask(positions, hidden, _past_length(hidden, kwargs))
+
+    def make_hook(fn: Transform) -> Callable[..., Any]:
+        def hook(_module: Any, _args: Any, output: Any) -> Any:
+            hidden = block_output(output)
+            mask = state["mask"]
+            if mask is not None and not bool(mask.any()):
+                return output
+            delta = fn(hidden)
+            return replace_block_output(output, hidden + (delta if mask is None else delta * mask))
+        return hook
+
+    handle = Handle()
+    handle.hooks.append(model.layers[0].register_forward_pre_hook(track, with_kwargs=True))
+    for layer, fn in sorted(transforms.items()):
+        handle.hooks.append(model.layers[layer - 1].register_forward_hook(make_hook(fn)))
+    return handle
+
+
+def _check_coef(coef: float) -> float:
+    if not isinstance(coef, int | float) or not math.isfinite(coef):
+        raise SteeringError(f"coefficient must be a finite number, got {coef!r}")
+    return float(coef)
+
+
+def _as_vector(model: Model, layer: int, vector: torch.Tensor) -> torch.Tensor:
+    if vector.shape != (model.hidden_size,):
+        raise SteeringError(f"vector for layer {layer} has shape {tuple(vector.shape)}, the model's hidden size is "
+                            f"{model.hidden_size}")
+    return vector.to(model.device, model.dtype)
+
+
+def steer(model: Model, vectors: Mapping[int, torch.Tensor], coef: float = 1.0,
+          positions: Positions = "response") -> Handle:
+    """Add coef × vectors[L] to the output of each layer L. Use as `with steer(...):` or keep the handle."""
+    c = _check_coef(coef)
+    if c == 0.0:  # an exact no-op, not a different code path: no hooks at all
+        _check_positions(positions)
+        for layer in vectors:
+            check_layer(layer, model.n_layers)
+        return Handle()
+    deltas = {layer: c * _as_vector(model, layer, v) for layer, v in vectors.items()}
+    return intervene(model, {layer: (lambda _h, d=d: d) for layer, d in deltas.items()}, positions)
+
+
+def ablate(model: Model, directions: Mapping[int, torch.Tensor], positions: Positions = "all") -> Handle:
+    """Project each direction out of layer L's output: h − (h·u)u with u = direction/|direction|."""
+    units = {}
+    for layer, v in directions.items():
+        u = _as_vector(model, layer, v).float()
+        norm = u.norm()
+        if not torch.isfinite(norm) or norm == 0:
+            raise SteeringError(f"cannot ablate a zero or non-finite direction at layer {layer}")
+        units[layer] = (u / norm).to(model.dtype)
+
+    def project_out(u: torch.Tensor) -> Transform:
+        return lambda h: -(h @ u)[..., None] * u
+
+    return intervene(model, {layer: project_out(u) for layer, u in units.items()}, positions)

@@ -1,0 +1,86 @@
+"""The trait file schema (YAML). A trait is a name, a description, contrastive system-prompt pairs,
+two disjoint question sets (extraction / evaluation) and a judge rubric with {question} and {answer}."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MIN_PAIRS = 5
+NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+def normalize_question(text: str) -> str:
+    """Case- and whitespace-insensitive form used to detect duplicates and overlaps."""
+    return " ".join(text.lower().split())
+
+
+class PromptPair(BaseModel):
+    """A system prompt that encourages the trait and one that discourages it."""
+
+    model_config = ConfigDict(extra="forbid")
+    positive: str = Field(min_length=1)
+    negative: str = Field(min_length=1)
+
+
+class Trait(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = Field(min_length=1)
+    pairs: list[PromptPair]
+    extraction_questions: list[str]
+    evaluation_questions: list[str]
+    rubric: str
+    # Graded system prompts (most discouraging first) for monitoring experiments; optional.
+    graded_prompts: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("use lowercase letters, digits, '-' or '_' (e.g. 'evil')")
+        return v
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, v: list[PromptPair]) -> list[PromptPair]:
+        if len(v) < MIN_PAIRS:
+            raise ValueError(f"at least {MIN_PAIRS} positive/negative pairs are needed, found {len(v)}")
+        return v
+
+    @field_validator("extraction_questions", "evaluation_questions")
+    @classmethod
+    def _questions(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one question is needed")
+        seen: set[str] = set()
+        for q in v:
+            if not q.strip():
+                raise ValueError("empty question")
+            key = normalize_question(q)
+            if key in seen:
+                raise ValueError(f"duplicate question: {q[:60]!r}")
+            seen.add(key)
+        return v
+
+    @field_validator("rubric")
+    @classmethod
+    def _rubric(cls, v: str) -> str:
+        missing = [p for p in ("{question}", "{answer}") if p not in v]
+        if missing:
+            raise ValueError(f"the rubric must contain the placeholders {' and '.join(missing)}")
+        return v
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Trait:
+        extraction = {normalize_question(q) for q in self.extraction_questions}
+        overlap = [q for q in self.evaluation_questions if normalize_question(q) in extraction]
+        if overlap:
+            raise ValueError(f"evaluation_questions overlap extraction_questions: {overlap[0][:60]!r}"
+                             + (f" and {len(overlap) - 1} more" if len(overlap) > 1 else ""))
+        return self
+
+    def render_rubric(self, question: str, answer: str) -> str:
+        return self.rubric.replace("{question}", question).replace("{answer}", answer)

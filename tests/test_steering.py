@@ -1,0 +1,126 @@
+"""Steering hooks on the real embedded model: exact removal, KV-cache correctness, bad requests."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import personavec as pv
+from personavec.chat import encode_chat, messages_for, pad_batch
+from personavec.errors import LayerError, SteeringError
+
+
+@pytest.fixture(scope="module")
+def model32() -> pv.Model:
+    """A float32 copy: cache-vs-no-cache comparisons need more precision than bfloat16 gives."""
+    return pv.load_model(dtype="float32")
+
+
+def _logits(model: pv.Model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.hf(input_ids=ids).logits
+
+
+def _direction(model: pv.Model, scale: float = 8.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(model.hidden_size, generator=g)
+    return v / v.norm() * scale
+
+
+def test_hooks_leave_no_trace(model: pv.Model) -> None:
+    ids = torch.tensor([encode_chat(model.tokenizer, messages_for("Tell me about cats."))])
+    before = _logits(model, ids)
+    with pv.steer(model, {10: _direction(model), 20: _direction(model)}, coef=2.0, positions="all"):
+        during = _logits(model, ids)
+        assert any(b._forward_hooks for b in model.layers)
+    after = _logits(model, ids)
+    assert not torch.equal(before, during)
+    assert torch.equal(before, after)
+    assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.layers)
+    handle = pv.steer(model, {5: _direction(model)}, coef=1.0)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert torch.equal(_logits(model, ids), before)
+
+
+def test_zero_coefficient_is_exactly_unsteered(model: pv.Model) -> None:
+    ids = torch.tensor([encode_chat(model.tokenizer, messages_for("Hello"))])
+    with pv.steer(model, {10: _direction(model)}, coef=0.0, positions="all"):
+        assert torch.equal(_logits(model, ids), _logits(model, ids))
+        assert not any(b._forward_hooks for b in model.layers)
+
+
+@pytest.mark.parametrize("positions", ["response", "prompt", "all"])
+def test_generate_with_kv_cache_matches_cache_free_reference(model32: pv.Model, positions: str) -> None:
+    """Steered greedy generation (KV cache, left-padded batch of prompts of different lengths) must give the
+    same logits as one cache-free forward over the finished sequences with an explicit position mask."""
+    m, n_new, layer = model32, 5, 12
+    prompts = [encode_chat(m.tokenizer, messages_for("Hi")),
+               encode_chat(m.tokenizer, messages_for("Describe a long walk through a quiet forest in autumn."))]
+    ids, mask = pad_batch(prompts, m.tokenizer.pad_token_id, side="left")
+    width = ids.shape[1]
+    vec = {layer: _direction(m, 6.0)}
+    with pv.steer(m, vec, coef=1.0, positions=positions), torch.no_grad():
+        out = m.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                            do_sample=False, output_logits=True, return_dict_in_generate=True,
+                            pad_token_id=m.tokenizer.pad_token_id)
+    step_logits = torch.stack(out.logits, dim=1)  # [batch, n_new, vocab]
+    full = out.sequences
+    full_mask = torch.cat([mask, torch.ones(2, n_new, dtype=mask.dtype)], dim=1)
+    position_ids = (full_mask.cumsum(1) - 1).clamp_min(0)
+    cols = torch.arange(full.shape[1])[None, :].expand(2, -1)
+    where = {"response": cols >= width - 1, "prompt": cols < width, "all": torch.ones_like(cols, dtype=torch.bool)}
+    with pv.steer(m, vec, coef=1.0, positions=where[positions]), torch.no_grad():
+        ref = m.hf(input_ids=full, attention_mask=full_mask, position_ids=position_ids).logits
+    ref_steps = ref[:, width - 1: width - 1 + n_new]
+    assert torch.allclose(step_logits, ref_steps, atol=2e-3, rtol=1e-3), (step_logits - ref_steps).abs().max()
+    with torch.no_grad():  # and the steering did something
+        plain = m.hf(input_ids=full, attention_mask=full_mask, position_ids=position_ids).logits
+    assert (plain[:, width - 1: width - 1 + n_new] - ref_steps).abs().max() > 1e-2
+
+
+def test_bad_steering_requests(model: pv.Model) -> None:
+    v = _direction(model)
+    for coef in (math.nan, math.inf, -math.inf):
+        with pytest.raises(SteeringError, match="finite"):
+            pv.steer(model, {10: v}, coef=coef)
+    with pytest.raises(SteeringError, match="unknown positions"):
+        pv.steer(model, {10: v}, coef=1.0, positions="middle")
+    for layer in (0, model.n_layers + 1, -1):
+        with pytest.raises(LayerError, match="out of range"):
+            pv.steer(model, {layer: v}, coef=1.0)
+    with pytest.raises(SteeringError, match="hidden size"):
+        pv.steer(model, {10: torch.zeros(7)}, coef=1.0)
+    assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.layers)
+
+
+def test_ablation_removes_the_direction(model32: pv.Model) -> None:
+    m = model32
+    u = _direction(m, 1.0)
+    sample = pv.Sample(encode_chat(m.tokenizer, messages_for("What is the capital of France?")),
+                       m.tokenizer.encode(" Paris is the capital.", add_special_tokens=False))
+    with pv.ablate(m, {8: u}, positions="all"):
+        means = pv.capture_means(m, [sample], layers=[8], positions=["response"])
+    plain = pv.capture_means(m, [sample], layers=[8], positions=["response"])
+    assert abs(float(means["response"][0] @ u)) < 1e-3
+    assert abs(float(plain["response"][0] @ u)) > 1e-3
+
+
+def test_capture_matches_hidden_states_and_batching(model32: pv.Model) -> None:
+    m = model32
+    tok = m.tokenizer
+    samples = [pv.Sample(encode_chat(tok, messages_for(q)), tok.encode(a, add_special_tokens=False))
+               for q, a in [("Hi", " Hello there!"), ("Name a fruit, please.", " An apple is a fruit that grows on trees.")]]
+    batched = pv.capture_means(m, samples, batch_size=2)
+    single = pv.capture_means(m, samples, batch_size=1)
+    for p in batched:
+        assert torch.allclose(batched[p], single[p], atol=1e-4)
+    expected = []
+    for s in samples:
+        with torch.no_grad():
+            hs = m.hf(input_ids=torch.tensor([s.prompt + s.response]), output_hidden_states=True).hidden_states
+        expected.append(torch.stack([h[0, len(s.prompt):].mean(0) for h in hs[:-1]]))  # last one is post-norm
+    mean = torch.stack(expected).mean(0)
+    assert torch.allclose(batched["response"][:-1], mean, atol=1e-4)
