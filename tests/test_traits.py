@@ -15,7 +15,7 @@ PAPER_TRAITS = {"evil", "sycophantic", "hallucinating", "optimistic", "impolite"
 
 
 def test_builtin_library_has_the_papers_seven_traits() -> None:
-    assert PAPER_TRAITS <= set(builtin_traits())
+    assert set(builtin_traits()) >= PAPER_TRAITS
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_TRAITS))

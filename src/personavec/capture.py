@@ -6,6 +6,7 @@ Layer numbering: 0 = embedding output (input of block 0), L = output of decoder 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -109,11 +110,8 @@ def iter_reductions(model: Model, samples: Sequence[Sample], *, layers: Sequence
             state["masks"] = _masks(batch, ids.shape[1], model.device)
             state["out"] = {p: torch.zeros(len(batch), len(wanted), model.hidden_size, device=model.device)
                             for p in positions}
-            with torch.no_grad():
-                try:
-                    model.hf(input_ids=ids, attention_mask=mask, use_cache=False)
-                except _Stop:
-                    pass
+            with torch.no_grad(), contextlib.suppress(_Stop):
+                model.hf(input_ids=ids, attention_mask=mask, use_cache=False)
             yield group, state["out"]
             done += len(group)
             progress(task, done, len(samples))

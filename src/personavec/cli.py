@@ -11,7 +11,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from .errors import PersonavecError
@@ -109,6 +116,8 @@ def generate(
     """Answer prompts, optionally steered by a persona vector at one or more coefficients."""
     from .chat import messages_for
     from .generation import generate as run_generate
+    from .layers import check_layer
+    from .steering import check_coef
     from .vectors import PersonaVector
 
     texts = list(prompts or [])
@@ -118,15 +127,18 @@ def generate(
         texts += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
         raise PersonavecError("no prompts: pass them as arguments or with --file")
-    coefs = coef or [1.0 if vector else 0.0]
+    coefs = [check_coef(c) for c in coef or [1.0 if vector else 0.0]]
     vec = PersonaVector.load(vector) if vector else None
     if vec is None and any(c != 0 for c in coefs):
         raise PersonavecError("--coef needs --vector")
-    m = _load(model, device, dtype, layers_path)
     chosen: Any = None
+    if vec is not None:  # check what the vector alone can tell before paying for the model
+        chosen = _parse_layer(layer) if layer is not None else vec.layer
+        for ly in [chosen] if isinstance(chosen, int) else [] if chosen == "all" else chosen:
+            check_layer(ly, vec.n_layers)
+    m = _load(model, device, dtype, layers_path)
     if vec is not None:
         vec.check_model(m, allow_model_mismatch)
-        chosen = _parse_layer(layer) if layer is not None else vec.layer
     conversations = [messages_for(t, system) for t in texts]
     answers: dict[float, list[str]] = {}
     with progress_bars() as cb:

@@ -7,7 +7,6 @@ without redoing finished work; keys (side/pair/question/rollout) identify rows, 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,6 +110,8 @@ def extract(model: Model, trait: str | Path | LoadedTrait, *, judge: Judge | str
     s.validate()
     the_judge = judge if isinstance(judge, Judge) else make_judge(judge, model, loaded.trait)
     threshold = the_judge.threshold if s.threshold is None else s.threshold
+    if hasattr(the_judge, "check"):  # an unreachable judge fails before rollouts are paid for
+        the_judge.check()
     folder = None
     if run_dir is not None:
         folder = open_run(run_dir, "extract", {

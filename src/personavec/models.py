@@ -49,7 +49,7 @@ class Model:
     @property
     def hidden_size(self) -> int:
         config = self.hf.config.get_text_config() if hasattr(self.hf.config, "get_text_config") else self.hf.config
-        return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+        return int(getattr(config, "hidden_size", None) or config.n_embd)
 
     @property
     def device(self) -> torch.device:
@@ -177,7 +177,7 @@ def _dequantized_folder(gguf: Path) -> Path:
         with _quiet_transformers():
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        hf.hf_quantizer = None
+        hf.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(hf.config, "quantization_config"):
             del hf.config.quantization_config
         hf.save_pretrained(tmp)
@@ -234,7 +234,7 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, device: str | None
         raise ModelLoadError(f"model '{source}' has no chat template; personavec needs a chat (instruct) model")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    hf.to(dev)
+    hf.to(dev)  # type: ignore[arg-type]
     hf.eval()
     hf.requires_grad_(False)
     path, layers = find_layers(hf, layers_path)

@@ -55,8 +55,13 @@ class Handle:
         self.remove()
 
 
-def _past_length(hidden: torch.Tensor, kwargs: dict[str, Any]) -> int:
-    cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value", kwargs.get("layer_past"))))
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _past_length(hidden: torch.Tensor, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> int:
+    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    if cache is None:  # GPT-2 style blocks get the cache positionally: block(hidden, cache, mask, ...)
+        cache = next((a for a in args[1:] if hasattr(a, "get_seq_length")), None)
     if cache is not None:
         if hasattr(cache, "get_seq_length"):
             return int(cache.get_seq_length())
@@ -106,7 +111,7 @@ def intervene(model: Model, transforms: Mapping[int, Transform], positions: Posi
 
     def track(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
-        state["mask"] = _step_mask(positions, hidden, _past_length(hidden, kwargs))
+        state["mask"] = _step_mask(positions, hidden, _past_length(hidden, kwargs, args))
 
     def make_hook(fn: Transform) -> Callable[..., Any]:
         def hook(_module: Any, _args: Any, output: Any) -> Any:
@@ -125,7 +130,7 @@ def intervene(model: Model, transforms: Mapping[int, Transform], positions: Posi
     return handle
 
 
-def _check_coef(coef: float) -> float:
+def check_coef(coef: float) -> float:
     if not isinstance(coef, int | float) or not math.isfinite(coef):
         raise SteeringError(f"coefficient must be a finite number, got {coef!r}")
     return float(coef)
@@ -141,14 +146,18 @@ def _as_vector(model: Model, layer: int, vector: torch.Tensor) -> torch.Tensor:
 def steer(model: Model, vectors: Mapping[int, torch.Tensor], coef: float = 1.0,
           positions: Positions = "response") -> Handle:
     """Add coef × vectors[L] to the output of each layer L. Use as `with steer(...):` or keep the handle."""
-    c = _check_coef(coef)
+    c = check_coef(coef)
     if c == 0.0:  # an exact no-op, not a different code path: no hooks at all
         _check_positions(positions)
         for layer in vectors:
             check_layer(layer, model.n_layers)
         return Handle()
-    deltas = {layer: c * _as_vector(model, layer, v) for layer, v in vectors.items()}
-    return intervene(model, {layer: (lambda _h, d=d: d) for layer, d in deltas.items()}, positions)
+
+    def constant(delta: torch.Tensor) -> Transform:
+        return lambda _h: delta
+
+    return intervene(model, {layer: constant(c * _as_vector(model, layer, v)) for layer, v in vectors.items()},
+                     positions)
 
 
 def ablate(model: Model, directions: Mapping[int, torch.Tensor], positions: Positions = "all") -> Handle:

@@ -100,9 +100,11 @@ class PersonaVector:
         if layer == "all":
             vectors = self.incremental(position)
         else:
-            layers = [self.layer] if layer is None else [layer] if isinstance(layer, int) else list(layer)
-            if isinstance(layer, str) or not layers:
+            if isinstance(layer, str):
                 raise VectorError(f"layer must be an integer, a list of integers or 'all', got {layer!r}")
+            layers = [self.layer] if layer is None else [layer] if isinstance(layer, int) else list(layer)
+            if not layers:
+                raise VectorError("layer list is empty; name at least one layer")
             vectors = {check_layer(ly, model.n_layers): self.at(ly, position) for ly in layers}
         return steer(model, vectors, coef=coef, positions=positions)
 

@@ -38,8 +38,9 @@ class ContrastJudge:
         self.pairs = list(pairs)[:max_pairs]
         self.batch_size = batch_size
 
-    def score_batch(self, items: Sequence[JudgeItem], rubric: str = "",
-                    progress: Progress = no_progress) -> list[float | None]:
+    def score_batch(self, items: Sequence[JudgeItem], rubric: str,
+                    progress: Progress | None = None) -> list[float | None]:
+        """The rubric is ignored: the trait's prompt pairs define what is measured."""
         tok = self.model.tokenizer
         samples: list[Sample] = []
         for item in items:
@@ -47,7 +48,7 @@ class ContrastJudge:
             for pair in self.pairs:
                 for system in (pair.positive, pair.negative):
                     samples.append(Sample(encode_chat(tok, messages_for(item.question, system)), response))
-        lps = response_logprobs(self.model, samples, batch_size=self.batch_size, progress=progress,
+        lps = response_logprobs(self.model, samples, batch_size=self.batch_size, progress=progress or no_progress,
                                 task="contrast score")
         width = 2 * len(self.pairs)
         scores: list[float | None] = []
@@ -61,5 +62,5 @@ class ContrastJudge:
         return scores
 
     def coherence_batch(self, items: Sequence[JudgeItem],
-                        progress: Progress = no_progress) -> list[float | None]:
+                        progress: Progress | None = None) -> list[float | None]:
         return [None] * len(items)
