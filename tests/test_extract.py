@@ -15,13 +15,6 @@ from personavec.io import read_jsonl
 from personavec.judges import ContrastJudge, JudgeItem
 
 
-@pytest.fixture(scope="session")
-def evil_run(model: pv.Model, tmp_path_factory: pytest.TempPathFactory) -> tuple[pv.PersonaVector, Path]:
-    run = tmp_path_factory.mktemp("extract") / "evil.run"
-    vec = pv.extract(model, "evil", run_dir=run, n_questions=5, max_new_tokens=32)
-    return vec, run
-
-
 def test_vector_shape_and_provenance(model: pv.Model, evil_run) -> None:
     vec, run = evil_run
     assert set(vec.tensors) == {"response", "prompt", "last_prompt"}

@@ -37,10 +37,10 @@ from transformers import (
     Qwen2Config,
 )
 
-from personavec.capture import Sample, block_output, capture_means, iter_reductions
+from personavec.capture import Sample, capture_means, iter_reductions
 from personavec.chat import pad_batch
 from personavec.errors import LayerError
-from personavec.layers import check_layer, find_layers
+from personavec.layers import block_output, check_layer, find_layers
 from personavec.models import Model, weight_fingerprint
 from personavec.steering import Positions, ablate, steer
 

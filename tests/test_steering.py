@@ -29,16 +29,21 @@ def _direction(model: pv.Model, scale: float = 8.0) -> torch.Tensor:
     return v / v.norm() * scale
 
 
+def _hooks(model: pv.Model) -> list[tuple[frozenset[int], frozenset[int]]]:
+    return [(frozenset(b._forward_hooks), frozenset(b._forward_pre_hooks)) for b in model.layers]
+
+
 def test_hooks_leave_no_trace(model: pv.Model) -> None:
+    base_hooks = _hooks(model)
     ids = torch.tensor([encode_chat(model.tokenizer, messages_for("Tell me about cats."))])
     before = _logits(model, ids)
     with pv.steer(model, {10: _direction(model), 20: _direction(model)}, coef=2.0, positions="all"):
         during = _logits(model, ids)
-        assert any(b._forward_hooks for b in model.layers)
+        assert _hooks(model) != base_hooks
     after = _logits(model, ids)
     assert not torch.equal(before, during)
     assert torch.equal(before, after)
-    assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.layers)
+    assert _hooks(model) == base_hooks
     handle = pv.steer(model, {5: _direction(model)}, coef=1.0)
     handle.remove()
     handle.remove()  # idempotent
@@ -47,9 +52,10 @@ def test_hooks_leave_no_trace(model: pv.Model) -> None:
 
 def test_zero_coefficient_is_exactly_unsteered(model: pv.Model) -> None:
     ids = torch.tensor([encode_chat(model.tokenizer, messages_for("Hello"))])
+    base_hooks, before = _hooks(model), _logits(model, ids)
     with pv.steer(model, {10: _direction(model)}, coef=0.0, positions="all"):
-        assert torch.equal(_logits(model, ids), _logits(model, ids))
-        assert not any(b._forward_hooks for b in model.layers)
+        assert torch.equal(_logits(model, ids), before)
+        assert _hooks(model) == base_hooks
 
 
 @pytest.mark.parametrize("positions", ["response", "prompt", "all"])
@@ -82,6 +88,7 @@ def test_generate_with_kv_cache_matches_cache_free_reference(model32: pv.Model, 
 
 
 def test_bad_steering_requests(model: pv.Model) -> None:
+    base_hooks = _hooks(model)
     v = _direction(model)
     for coef in (math.nan, math.inf, -math.inf):
         with pytest.raises(SteeringError, match="finite"):
@@ -93,7 +100,7 @@ def test_bad_steering_requests(model: pv.Model) -> None:
             pv.steer(model, {layer: v}, coef=1.0)
     with pytest.raises(SteeringError, match="hidden size"):
         pv.steer(model, {10: torch.zeros(7)}, coef=1.0)
-    assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.layers)
+    assert _hooks(model) == base_hooks
 
 
 def test_ablation_removes_the_direction(model32: pv.Model) -> None:
@@ -124,3 +131,26 @@ def test_capture_matches_hidden_states_and_batching(model32: pv.Model) -> None:
         expected.append(torch.stack([h[0, len(s.prompt):].mean(0) for h in hs[:-1]]))  # last one is post-norm
     mean = torch.stack(expected).mean(0)
     assert torch.allclose(batched["response"][:-1], mean, atol=1e-4)
+
+
+def test_sequence_layout_gives_generation_positions_to_full_forwards(model32: pv.Model) -> None:
+    """Scoring a whole prompt+response sequence under 'response' steering steers the same positions as
+    generation did: from the last prompt token on, per row, whatever the padding."""
+    m = model32
+    tok = m.tokenizer
+    samples = [pv.Sample(encode_chat(tok, messages_for(q)), tok.encode(a, add_special_tokens=False))
+               for q, a in [("Tell me a fact about the sea.", " The sea is salty and deep."), ("Hi", " Hello!")]]
+    # longest first, the order response_logprobs batches in, so the explicit mask lines up with its rows
+    ids, _ = pad_batch([s.prompt + s.response for s in samples], tok.pad_token_id, side="right")
+    cols = torch.arange(ids.shape[1])[None, :]
+    plen = torch.tensor([len(s.prompt) for s in samples])[:, None]
+    vec = {12: _direction(m, 6.0)}
+    from personavec.likelihood import response_logprobs
+
+    with pv.steer(m, vec, coef=1.0, positions="response"):
+        via_layout = response_logprobs(m, samples, batch_size=2)
+    with pv.steer(m, vec, coef=1.0, positions=cols.expand(2, -1) >= plen - 1):
+        explicit = response_logprobs(m, samples, batch_size=2)
+    plain = response_logprobs(m, samples, batch_size=2)
+    assert via_layout == pytest.approx(explicit, abs=1e-5)
+    assert all(abs(a - b) > 1e-3 for a, b in zip(via_layout, plain, strict=True))  # type: ignore[operator]

@@ -15,6 +15,7 @@ import torch
 
 from .chat import batches_by_length, pad_batch
 from .errors import LayerError
+from .layers import block_output
 from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -35,15 +36,6 @@ class Sample:
 
 class _Stop(Exception):
     """Raised by the hook on the last needed layer to end the forward pass early."""
-
-
-def block_output(output: Any) -> torch.Tensor:
-    """The hidden-state tensor of a decoder block's output (a tensor or a tuple starting with one)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-def replace_block_output(output: Any, hidden: torch.Tensor) -> Any:
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 def _masks(samples: Sequence[Sample], width: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .errors import PersonavecError
+from .steering import check_coef
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Persona vectors: extract trait directions from a chat model and steer with them.")
@@ -157,6 +158,129 @@ def generate(
         for c in coefs:
             label = f"coef {c:+g}{where}" if vec is not None else "answer"
             out.print(f"[cyan]{label}:[/cyan] {answers[c][i]}")
+
+
+def _parse_floats(values: list[str] | None, name: str) -> list[float] | None:
+    """'-2,0,2' or repeated options → floats; None when not given."""
+    if not values:
+        return None
+    try:
+        out = [float(x) for v in values for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise PersonavecError(f"{name} must be numbers like -2,0,2, got {' '.join(values)}") from None
+    if not out:
+        raise PersonavecError(f"{name} is empty")
+    return out
+
+
+@app.command("eval")
+def eval_cmd(
+    trait: Annotated[str, typer.Option(help="Built-in trait name or trait YAML file.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder (rerun to resume).")],
+    vector: Annotated[Path | None, typer.Option(help="Persona vector to steer with.")] = None,
+    layer: Annotated[int | None, typer.Option(help="Layer L (output of block L); default: the vector's chosen layer.")] = None,
+    coef: Annotated[list[str] | None, typer.Option(help="Coefficients, e.g. -2,0,2 (default 0).")] = None,
+    positions: Annotated[str, typer.Option(help="all | prompt | response")] = "response",
+    judge: Annotated[str, typer.Option(help="contrast | local | local:MODEL | openai:MODEL[@URL]")] = "contrast",
+    n_questions: Annotated[int | None, typer.Option(help="Evaluation questions to answer.")] = 10,
+    rollouts: int = 1, max_new_tokens: int = 48,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0, seed: int = 0,
+    capability: Annotated[bool, typer.Option(help="Also measure perplexity and quiz accuracy.")] = False,
+    model: ModelOpt = None,
+    allow_model_mismatch: Annotated[bool, typer.Option(help="Apply a vector made on other weights.")] = False,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
+) -> None:
+    """Score the model's answers to the trait's evaluation questions, optionally steered."""
+    from .evaluate import Condition, EvalSettings, evaluate
+    from .traits import load_trait
+    from .vectors import PersonaVector
+
+    loaded = load_trait(trait)
+    coefs = _parse_floats(coef, "--coef") or [0.0]
+    vec = PersonaVector.load(vector) if vector else None
+    if vec is None and any(c != 0 for c in coefs):
+        raise PersonavecError("--coef needs --vector")
+    chosen = layer if layer is not None else (vec.layer if vec else None)
+    settings = EvalSettings(n_questions=n_questions, rollouts=rollouts, max_new_tokens=max_new_tokens,
+                            temperature=temperature, seed=seed, positions=positions, capability=capability)
+    settings.validate()
+    m = _load(model, device, dtype, layers_path)
+    with progress_bars() as cb:
+        cells = evaluate(m, loaded, vector=vec, conditions=[Condition(chosen, c) for c in coefs], judge=judge,
+                         settings=settings, run_dir=out_dir, allow_mismatch=allow_model_mismatch, progress=cb,
+                         extra_settings={"vector": str(vector or "")})
+    _print_cells(cells)
+    out.print(f"results in {out_dir}/cells.csv and answers.jsonl")
+
+
+def _print_cells(cells: list[dict[str, Any]]) -> None:
+    table = Table("layer", "coef", "n", "trait", "coherence", "judge-free", "perplexity", "quiz")
+
+    def f(v: Any, se: Any = None) -> str:
+        if v is None:
+            return "–"
+        return f"{v:.3g}" + (f" ± {se:.2g}" if se is not None else "")
+
+    for c in cells:
+        table.add_row(str(c["layer"] if c["coef"] != 0 else "–"), f"{c['coef']:+g}", str(c["n"]),
+                      f(c["trait_mean"], c["trait_se"]), f(c["coherence_mean"], c["coherence_se"]),
+                      f(c["judge_free_mean"], c["judge_free_se"]), f(c.get("perplexity")), f(c.get("quiz_accuracy")))
+    out.print(table)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    vector: Annotated[Path, typer.Option(help="Persona vector file; the chosen layer is written into it.")],
+    trait: Annotated[str, typer.Option(help="Built-in trait name or trait YAML file.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder (rerun to resume).")],
+    layers: Annotated[list[str] | None, typer.Option(help="Layers, e.g. 9,14,18,22 (default: 4 sized to depth).")] = None,
+    coefs: Annotated[list[str] | None, typer.Option(help="Coefficients, e.g. -6,-3,0,3,6.")] = None,
+    judge: Annotated[str, typer.Option(help="contrast | local | local:MODEL | openai:MODEL[@URL]")] = "contrast",
+    coherence_min: Annotated[float | None, typer.Option(help="Coherence floor (default: 50% of the unsteered coherence).")] = None,
+    n_questions: Annotated[int | None, typer.Option(help="Evaluation questions per cell.")] = 8,
+    max_new_tokens: int = 40, seed: int = 0,
+    capability: Annotated[bool, typer.Option(help="Also measure perplexity and quiz accuracy per cell.")] = False,
+    no_update: Annotated[bool, typer.Option("--no-update-vector", help="Do not write the choice into the vector.")] = False,
+    model: ModelOpt = None,
+    allow_model_mismatch: Annotated[bool, typer.Option(help="Apply a vector made on other weights.")] = False,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
+) -> None:
+    """Evaluate a layer × coefficient grid and choose where to steer (written into the vector file)."""
+    from .evaluate import EvalSettings
+    from .layers import check_layer
+    from .sweep import sweep
+    from .traits import load_trait
+    from .vectors import PersonaVector
+
+    loaded = load_trait(trait)
+    vec = PersonaVector.load(vector)
+    layer_list = [int(x) for x in _parse_floats(layers, "--layers") or []] or None
+    for ly in layer_list or []:
+        check_layer(ly, vec.n_layers)
+    coef_list = _parse_floats(coefs, "--coefs")
+    for c in coef_list or []:
+        check_coef(c)
+    m = _load(model, device, dtype, layers_path)
+    settings = EvalSettings(n_questions=n_questions, max_new_tokens=max_new_tokens, seed=seed, capability=capability)
+    with progress_bars() as cb:
+        choice = sweep(m, loaded, vec, layers=layer_list, coefs=coef_list, judge=judge, settings=settings,
+                       run_dir=out_dir, coherence_min=coherence_min, vector_path=None if no_update else vector,
+                       allow_mismatch=allow_model_mismatch, progress=cb)
+    from .report import read_cells
+
+    _print_cells([dict(c) for c in read_cells(out_dir / "cells.csv")[1]])
+    out.print(f"best layer {choice['best_layer']} (coef {choice['best_coef']:+g}, trait change "
+              f"{choice['trait_change']:+.3g}); " + ("" if no_update else f"written into {vector}; ")
+              + f"run folder {out_dir}")
+
+
+@app.command("report")
+def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A sweep or eval run folder.")]) -> None:
+    """Write RUN_DIR/report.html: one self-contained page with plots, tables and example answers."""
+    from .report import write_report
+
+    path = write_report(run_dir)
+    out.print(f"wrote {path}")
 
 
 def _parse_layer(text: str) -> int | list[int] | str:

@@ -7,6 +7,9 @@ A vector for layer L is therefore added by a hook on block L-1.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
 from .errors import LayerError
@@ -80,3 +83,12 @@ def check_layer(layer: int, n_layers: int) -> int:
         raise LayerError(f"layer {layer} is out of range: this model has layers 1..{n_layers} "
                          "(0 is the embedding output and cannot be steered)")
     return layer
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a decoder block's output (a tensor or a tuple starting with one)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def replace_block_output(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

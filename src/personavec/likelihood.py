@@ -11,6 +11,7 @@ import torch
 from .capture import Sample
 from .chat import batches_by_length, pad_batch
 from .progress import Progress, no_progress
+from .steering import sequence_layout
 
 if TYPE_CHECKING:
     from .models import Model
@@ -44,7 +45,8 @@ def response_logprobs(model: Model, samples: Sequence[Sample], *, batch_size: in
                 targets.append(tok)
         r = torch.tensor(rows, device=model.device)
         c = torch.tensor(cols, device=model.device)
-        with torch.no_grad():
+        plen = torch.tensor([len(s.prompt) for s in batch])
+        with torch.no_grad(), sequence_layout(plen):
             if decoder is not None and head is not None:
                 hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 logits = head(hidden[r, c]).float()

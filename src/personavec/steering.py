@@ -13,21 +13,26 @@ Positions, for generation with the KV cache and left-padded batches:
             every generated token afterwards (the persona-vectors paper's convention);
   a bool tensor [batch, seq] for a single cache-free forward, e.g. a full prompt+response sequence.
 Padding positions may receive the vector too; they are masked out of attention so nothing reads them.
+
+Cache-free forwards over whole prompt+response sequences (capture, likelihood scoring, training) declare
+each row's prompt length with `sequence_layout(...)`; "prompt" and "response" then mean the same token
+positions as during generation. The layout lives in a ContextVar, so concurrent threads never share it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .capture import block_output, replace_block_output
 from .errors import SteeringError
-from .layers import check_layer
+from .layers import block_output, check_layer, replace_block_output
 
 if TYPE_CHECKING:
     from .models import Model
@@ -58,6 +63,19 @@ class Handle:
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
+_LAYOUT: ContextVar[torch.Tensor | None] = ContextVar("personavec_prompt_lengths", default=None)
+
+
+@contextmanager
+def sequence_layout(prompt_lengths: torch.Tensor) -> Iterator[None]:
+    """Declare, for cache-free forwards in this block, where each row's prompt ends (right padding)."""
+    token = _LAYOUT.set(prompt_lengths)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
 def _past_length(hidden: torch.Tensor, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> int:
     cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
     if cache is None:  # GPT-2 style blocks get the cache positionally: block(hidden, cache, mask, ...)
@@ -83,6 +101,12 @@ def _step_mask(positions: Positions, hidden: torch.Tensor, past: int) -> torch.T
         return positions.to(hidden.device, hidden.dtype)[..., None]
     if positions == "all":
         return None
+    layout = _LAYOUT.get()
+    if layout is not None and past == 0 and layout.shape[0] == batch:
+        cols = torch.arange(seq, device=hidden.device)[None, :]
+        plen = layout.to(hidden.device)[:, None]
+        keep = cols < plen if positions == "prompt" else cols >= plen - 1
+        return keep.to(hidden.dtype)[..., None]
     mask = torch.zeros(batch, seq, 1, dtype=hidden.dtype, device=hidden.device)
     if positions == "prompt" and past == 0:
         mask[:] = 1

@@ -9,6 +9,7 @@ created, layer_convention, and optionally best_layer / best_coef chosen by a swe
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -138,6 +139,14 @@ class PersonaVector:
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise VectorError(f"'{p}' holds tensors of shapes {sorted(shapes)}; expected one [n_layers + 1, hidden]")
         return cls(tensors=tensors, meta=json.loads(meta_raw))
+
+    def digest(self) -> str:
+        """Hash of the tensors (not the metadata): identifies the directions a run used."""
+        h = hashlib.sha256()
+        for key in sorted(self.tensors):
+            h.update(key.encode())
+            h.update(self.tensors[key].detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def with_meta(self, **updates: Any) -> PersonaVector:
         return PersonaVector(tensors=self.tensors, meta={**self.meta, **updates})

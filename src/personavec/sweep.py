@@ -1,0 +1,94 @@
+"""Layer × coefficient sweeps: evaluate every cell (resumably), choose where to steer, and record the
+choice in the vector file so later commands steer there by default."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import LayerError, PersonavecError
+from .evaluate import Condition, EvalSettings, evaluate
+from .io import write_json
+from .judges import Judge, make_judge
+from .layers import check_layer
+from .progress import Progress, no_progress
+from .steering import check_coef
+from .traits import LoadedTrait, load_trait
+
+if TYPE_CHECKING:
+    from .models import Model
+    from .vectors import PersonaVector
+
+#: Steering strengths tried by default; coefficient 0 (the unsteered model) is evaluated once and shared.
+DEFAULT_COEFS = (-6.0, -3.0, 0.0, 3.0, 6.0)
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """Four layers spread over the middle of the network (30%–75% of the depth), where persona vectors
+    steer best in the paper; few enough that the default sweep stays affordable on a CPU."""
+    return sorted({max(1, min(n_layers, round(n_layers * f))) for f in (0.3, 0.45, 0.6, 0.75)})
+
+
+def choose(cells: Sequence[dict[str, Any]], coherence_min: float | None) -> dict[str, Any]:
+    """Best layer = the largest rise of the mean trait score over the unsteered model, among positive
+    coefficients whose mean coherence stays at or above the threshold. A threshold of None means 50% of
+    the unsteered coherence (for judge-free fluency, which has no absolute scale)."""
+    base = next((c for c in cells if c["coef"] == 0), None)
+    if base is None or base.get("trait_mean") is None:
+        raise PersonavecError("the sweep needs coefficient 0 in --coefs to measure trait change")
+    base_coherence = base.get("coherence_mean")
+    threshold = coherence_min
+    if threshold is None:
+        threshold = 0.5 * base_coherence if base_coherence is not None else -math.inf
+    best: dict[str, Any] | None = None
+    for c in cells:
+        if c["coef"] <= 0 or c.get("trait_mean") is None:
+            continue
+        coh = c.get("coherence_mean")
+        if coh is not None and coh < threshold:
+            continue
+        change = c["trait_mean"] - base["trait_mean"]
+        if best is None or change > best["trait_change"]:
+            best = {"best_layer": c["layer"], "best_coef": c["coef"], "trait_change": change}
+    if best is None:
+        raise PersonavecError(f"no positive coefficient kept coherence ≥ {threshold:.3g}; try smaller --coefs")
+    return {**best, "coherence_threshold": threshold,
+            "criterion": "largest rise in mean trait score over coefficient 0 among positive coefficients "
+                         "whose mean coherence stays at or above the threshold"}
+
+
+def sweep(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, *,
+          layers: Sequence[int] | None = None, coefs: Sequence[float] | None = None,
+          judge: Judge | str | None = None, settings: EvalSettings | None = None,
+          run_dir: str | Path, coherence_min: float | None = None, vector_path: str | Path | None = None,
+          allow_mismatch: bool = False, progress: Progress = no_progress) -> dict[str, Any]:
+    """Evaluate the grid, write cells.csv and choice.json into `run_dir`, and (if `vector_path` is given)
+    rewrite that vector file atomically with best_layer / best_coef in its metadata."""
+    loaded = trait if isinstance(trait, LoadedTrait) else load_trait(trait)
+    vector.check_model(model, allow_mismatch)
+    layer_list = list(default_layers(model.n_layers) if layers is None else layers)
+    coef_list = list(DEFAULT_COEFS if coefs is None else coefs)
+    if not layer_list:
+        raise LayerError("the layer list is empty; name at least one layer")
+    if not coef_list:
+        raise PersonavecError("the coefficient list is empty; name at least one coefficient")
+    for layer in layer_list:
+        check_layer(layer, model.n_layers)
+    for c in coef_list:
+        check_coef(c)
+    if 0.0 not in coef_list:
+        coef_list.append(0.0)
+    coef_list.sort()
+    the_judge = judge if isinstance(judge, Judge) else make_judge(judge, model, loaded.trait)
+    conditions = [Condition(layer, c) for layer in layer_list for c in coef_list]
+    cells = evaluate(model, loaded, vector=vector, conditions=conditions, judge=the_judge, settings=settings,
+                     run_dir=run_dir, kind="sweep", allow_mismatch=allow_mismatch, progress=progress,
+                     extra_settings={"layers": layer_list, "coefs": coef_list, "vector": str(vector_path or "")})
+    choice = {**choose(cells, coherence_min), "judge": the_judge.name, "trait": loaded.trait.name}
+    write_json(Path(run_dir) / "choice.json", choice)
+    if vector_path is not None:
+        vector.with_meta(best_layer=choice["best_layer"], best_coef=choice["best_coef"],
+                         sweep_run=str(run_dir), sweep_judge=the_judge.name).save(vector_path)
+    return choice

@@ -1,0 +1,78 @@
+"""Evaluation, a tiny sweep, the choice written into the vector, and the HTML report, on the real model."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+import personavec as pv
+from personavec.errors import LayerError, PersonavecError
+from personavec.evaluate import Condition, EvalSettings, evaluate
+from personavec.io import read_jsonl
+from personavec.report import write_report
+from personavec.sweep import choose, default_layers, sweep
+
+TINY = EvalSettings(n_questions=3, max_new_tokens=16, n_reference=4)
+
+
+def test_default_grid_is_sized_to_depth() -> None:
+    assert default_layers(30) == [9, 14, 18, 22]
+    assert default_layers(2) == [1, 2]
+    assert all(1 <= x <= 80 for x in default_layers(80))
+
+
+def test_choose_respects_coherence() -> None:
+    cells = [{"layer": 5, "coef": 0.0, "trait_mean": 0.0, "coherence_mean": 80.0},
+             {"layer": 5, "coef": 2.0, "trait_mean": 0.5, "coherence_mean": 70.0},
+             {"layer": 9, "coef": 2.0, "trait_mean": 0.9, "coherence_mean": 20.0},
+             {"layer": 9, "coef": -2.0, "trait_mean": -0.9, "coherence_mean": 80.0}]
+    assert choose(cells, coherence_min=50)["best_layer"] == 5
+    assert choose(cells, coherence_min=10)["best_layer"] == 9
+    assert choose(cells, coherence_min=None)["coherence_threshold"] == 40.0
+    with pytest.raises(PersonavecError, match="no positive coefficient"):
+        choose(cells, coherence_min=99)
+
+
+@pytest.mark.slow
+def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_run, tmp_path: Path) -> None:
+    vec, _ = evil_run
+    vfile = vec.save(tmp_path / "evil.pv.safetensors")
+    # eval: one row per answer, a summary per condition, judge-free measure always present
+    cells = evaluate(model, "evil", vector=vec, conditions=[Condition(18, -4.0), Condition(18, 0.0), Condition(18, 4.0)],
+                     settings=TINY, run_dir=tmp_path / "eval")
+    assert [c["coef"] for c in cells] == [-4.0, 0.0, 4.0]
+    assert all(c["n"] == 3 and c["judge_free_mean"] is not None for c in cells)
+    assert cells[0]["judge_free_mean"] < cells[1]["judge_free_mean"] < cells[2]["judge_free_mean"]
+    assert len(read_jsonl(tmp_path / "eval" / "answers.jsonl")) == 9
+    assert len(read_jsonl(tmp_path / "eval" / "reference.jsonl")) == 8
+    # sweep: tiny grid, choice written into the vector file, resumable without recomputation
+    run = tmp_path / "sweep"
+    choice = sweep(model, "evil", vec, layers=[9, 18], coefs=[-2.0, 2.0], settings=TINY, run_dir=run,
+                   vector_path=vfile)
+    with open(run / "cells.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and {r["layer"] for r in rows} == {"9", "18"}
+    assert choice["best_layer"] in (9, 18) and choice["best_coef"] == 2.0
+    reloaded = pv.load_vector(vfile)
+    assert reloaded.layer == choice["best_layer"] and reloaded.meta["best_coef"] == 2.0
+    assert reloaded.digest() == vec.digest()  # only the metadata changed
+    before = (run / "answers.jsonl").read_text()
+    sweep(model, "evil", vec, layers=[9, 18], coefs=[-2.0, 2.0], settings=TINY, run_dir=run)
+    assert (run / "answers.jsonl").read_text() == before  # nothing recomputed
+    # report: one self-contained page with its plots
+    page = write_report(run).read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "http://" not in page and "https://" not in page
+    assert f"{choice['best_layer']}" in page
+    # bad grids
+    with pytest.raises(LayerError):
+        sweep(model, "evil", vec, layers=[0], coefs=[1.0], settings=TINY, run_dir=tmp_path / "bad")
+    with pytest.raises(PersonavecError, match="empty"):
+        sweep(model, "evil", vec, layers=[], coefs=[1.0], settings=TINY, run_dir=tmp_path / "bad")
+    with pytest.raises(PersonavecError, match="finite"):
+        sweep(model, "evil", vec, layers=[3], coefs=[float("nan")], settings=TINY, run_dir=tmp_path / "bad")
