@@ -3,28 +3,29 @@ that capability lost to steering or finetuning is visible next to the trait scor
 EleutherAI harness on the same in-memory model for a standard number.
 
 None of these functions add hooks: they run the model as it is, so steering applied by the caller
-(`with vec.steer(model, layer=L, coef=c): capability(model)`) is what they measure. Both local checks
-follow the generation convention of `personavec.steering`, so the default positions="response" steers
-exactly the positions it steers while the model answers:
-  perplexity  the first token is a one-token prompt and the rest runs on top of its KV cache, so
-              "response" steers every position that predicts a scored token ("prompt" only the first);
-  quiz        prompts are left-padded, so the last column, which "response" steers in a cache-free
-              forward, is each row's last prompt token; in the default cloze mode the answer text then
-              runs on top of the prompt's KV cache, so "response" steers every position scoring it.
+(`with vec.steer(model, layer=L, coef=c): capability(model)`) is what they measure. The local checks
+keep the generation meaning of steering positions, so the default positions="response" steers what it
+steers while the model answers: perplexity scores each text as the response to its first token, the
+cloze quiz scores each choice as the response to its question (both through `response_logprobs`, which
+declares the prompt/response layout to the hooks), and the letter quiz reads the next token after
+left-padded prompts.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
 
+from ..capture import Sample
 from ..chat import batches_by_length, encode_chat, encode_response, pad_batch
 from ..errors import PersonavecError
+from ..likelihood import response_logprobs
 from ..progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -64,11 +65,6 @@ def _pad_id(model: Model) -> int:
     return 0 if pad_id is None else int(pad_id)
 
 
-def _cache_kwarg(hf: Any) -> str:
-    """The forward argument that takes a KV cache: `cache` in recent transformers, else `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
-
-
 def _last_logits_kwarg(hf: Any) -> dict[str, int]:
     """Ask for the last position's logits only, where the model supports it."""
     params = inspect.signature(hf.forward).parameters
@@ -79,38 +75,18 @@ def perplexity(model: Model, texts: Sequence[str] | None = None, *, batch_size: 
                max_tokens: int = 8192, progress: Progress = no_progress) -> float:
     """Per-token perplexity of `texts` (default: the shipped neutral set), pooled over all scored tokens.
 
-    Each text is tokenized as the tokenizer does by default (with its BOS, if it adds one) and scored as
-    a plain continuation of its first token. That token runs as a one-token prompt and the rest on top
-    of its KV cache: a steering hook then sees the scored tokens as response positions, as during
-    generation. (`likelihood.response_logprobs` runs one cache-free forward, in which positions=
-    "response" steers only the last padded column, so it would hide most of the steering.)"""
+    Each text is tokenized as the tokenizer does by default (with its BOS, if it adds one) and scored by
+    `response_logprobs` as a continuation of its first token, so under positions="response" steering every
+    position that predicts a scored token is steered, as while generating."""
     texts = neutral_texts() if texts is None else list(texts)
     seqs = [[int(t) for t in model.tokenizer(text)["input_ids"]] for text in texts]
-    seqs = [s for s in seqs if len(s) >= 2]
-    if not seqs:
+    samples = [Sample(s[:1], s[1:]) for s in seqs if len(s) >= 2]
+    if not samples:
         raise PersonavecError("perplexity needs at least one text of two or more tokens")
-    hf, device, pad_id = model.hf, model.device, _pad_id(model)
-    cache_kw, last_kw = _cache_kwarg(hf), _last_logits_kwarg(hf)
-    nll, count, done = 0.0, 0, 0
-    progress("perplexity", 0, len(seqs))
-    for group in batches_by_length([len(s) - 1 for s in seqs], max_tokens=max_tokens, max_batch=batch_size):
-        first = torch.tensor([[seqs[i][0]] for i in group], device=device)
-        rest, rest_mask = pad_batch([seqs[i][1:] for i in group], pad_id, side="right", device=device)
-        ones = torch.ones_like(first)
-        with torch.no_grad():
-            prefill = hf(input_ids=first, attention_mask=ones, use_cache=True, **last_kw)
-            cache = getattr(prefill, "cache", None) or prefill.past_key_values  # renamed in transformers 5
-            positions = torch.arange(1, rest.shape[1] + 1, device=device)[None, :].expand_as(rest)
-            out = hf(input_ids=rest, attention_mask=torch.cat([ones, rest_mask], dim=1), position_ids=positions,
-                     use_cache=True, **{cache_kw: cache})
-            # logits predicting rest[:, k]: the prefill's for k = 0, the continuation's position k-1 after
-            logits = torch.cat([prefill.logits[:, -1:], out.logits[:, :-1]], dim=1).float()
-            token_nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rest.flatten(), reduction="none")
-        nll += float((token_nll * rest_mask.flatten()).sum())
-        count += int(rest_mask.sum())
-        done += len(group)
-        progress("perplexity", done, len(seqs))
-    return float(torch.exp(torch.tensor(nll / count)))
+    means = response_logprobs(model, samples, batch_size=batch_size, max_tokens=max_tokens, progress=progress,
+                              task="perplexity")
+    total = sum(float(m) * len(s.response) for m, s in zip(means, samples, strict=True) if m is not None)
+    return math.exp(-total / sum(len(s.response) for s in samples))
 
 
 def _render(item: Mapping[str, Any]) -> str:
@@ -142,40 +118,41 @@ def _check_item(k: int, item: Mapping[str, Any]) -> int:
     return LETTERS.index(answer)
 
 
-def _letter_scores(model: Model, prompts: list[list[int]], items: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
-    """Per item, the log-probability of each option letter as the next token (left-padded prompts)."""
+def _letter_scores(model: Model, prompts: list[list[int]], items: list[Mapping[str, Any]], batch_size: int,
+                   max_tokens: int, progress: Progress) -> list[torch.Tensor]:
+    """Per item, the log-probability of each option letter as the next token after its prompt.
+
+    Left padding puts every row's last prompt token in the last column, the one positions="response"
+    steers in a cache-free forward, as in the prefill of generation."""
     letter_ids = _letter_ids(model.tokenizer, max(len(item["choices"]) for item in items))
-    pad_id = _pad_id(model)
-    ids, mask = pad_batch(prompts, pad_id, side="left", device=model.device)
-    logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                      use_cache=False, **_last_logits_kwarg(model.hf)).logits[:, -1].float()
-    logp = torch.log_softmax(logits, dim=-1).cpu()
-    return [torch.stack([logp[row, letter_ids[k]].max() for k in range(len(item["choices"]))])
-            for row, item in enumerate(items)]
+    out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+    done = 0
+    progress("quiz", 0, len(items))
+    for group in batches_by_length([len(p) for p in prompts], max_tokens=max_tokens, max_batch=batch_size):
+        ids, mask = pad_batch([prompts[i] for i in group], _pad_id(model), side="left", device=model.device)
+        with torch.no_grad():
+            logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                              use_cache=False, **_last_logits_kwarg(model.hf)).logits[:, -1].float()
+        logp = torch.log_softmax(logits, dim=-1).cpu()
+        for row, i in enumerate(group):
+            out[i] = torch.stack([logp[row, letter_ids[k]].max() for k in range(len(items[i]["choices"]))])
+        done += len(group)
+        progress("quiz", done, len(items))
+    return out
 
 
-def _cloze_scores(model: Model, prompts: list[list[int]], items: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
-    """Per item, the summed log-probability of each choice's text as the assistant's reply.
-
-    The prompts run once, left-padded with the KV cache; the cache is then indexed per choice and the
-    right-padded choices run on top, as generated tokens would."""
-    hf, device, pad_id = model.hf, model.device, _pad_id(model)
-    owner = [i for i, item in enumerate(items) for _ in item["choices"]]
-    choices = [encode_response(model.tokenizer, c) for item in items for c in item["choices"]]
-    ids, mask = pad_batch(prompts, pad_id, side="left", device=device)
-    first = hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-               use_cache=True, **_last_logits_kwarg(hf))
-    cache = getattr(first, "cache", None) or first.past_key_values  # renamed in transformers 5
-    index = torch.tensor(owner, device=device)
-    cache.reorder_cache(index)  # one cache row per (item, choice)
-    suf, suf_mask = pad_batch(choices, pad_id, side="right", device=device)
-    positions = mask.sum(-1)[index][:, None] + torch.arange(suf.shape[1], device=device)[None, :]
-    out = hf(input_ids=suf, attention_mask=torch.cat([mask[index], suf_mask], dim=1), position_ids=positions,
-             use_cache=True, **{_cache_kwarg(hf): cache})
-    logits = torch.cat([first.logits[:, -1:][index], out.logits[:, :-1]], dim=1).float()
-    logp = torch.log_softmax(logits, dim=-1).gather(2, suf[..., None])[..., 0]
-    sums = (logp * suf_mask).sum(1).cpu()
-    return [sums[[r for r, o in enumerate(owner) if o == i]] for i in range(len(items))]
+def _cloze_scores(model: Model, prompts: list[list[int]], items: list[Mapping[str, Any]], batch_size: int,
+                  max_tokens: int, progress: Progress) -> list[torch.Tensor]:
+    """Per item, the summed log-probability of each choice's text as the assistant's reply."""
+    samples = [Sample(p, encode_response(model.tokenizer, c)) for p, item in zip(prompts, items, strict=True)
+               for c in item["choices"]]
+    means = response_logprobs(model, samples, batch_size=batch_size, max_tokens=max_tokens, progress=progress,
+                              task="quiz")
+    sums = [-math.inf if m is None else m * len(s.response) for m, s in zip(means, samples, strict=True)]
+    starts = [0]
+    for item in items:
+        starts.append(starts[-1] + len(item["choices"]))
+    return [torch.tensor(sums[starts[i]:starts[i + 1]]) for i in range(len(items))]
 
 
 def quiz_accuracy(model: Model, items: Sequence[Mapping[str, Any]] | None = None, *,
@@ -184,11 +161,12 @@ def quiz_accuracy(model: Model, items: Sequence[Mapping[str, Any]] | None = None
     """Fraction of quiz questions (default: the shipped quiz) answered right, zero-shot, without generation.
 
     method="letter": the question and lettered options go in one user turn ending "Answer with the letter
-    only."; the letters' next-token log-probabilities after the generation prompt are compared (each as
-    the better of "A" and " A"). Small models cannot bind letters to options (SmolLM2-135M answers "A" to
-    everything: 25%, exactly chance), so the default is method="cloze": the question alone is the user
-    turn and each choice's text is scored as the reply (summed log-probability, lm-eval's `acc`)."""
-    items = quiz_items() if items is None else list(items)
+    only.", and the letters' next-token log-probabilities after the generation prompt are compared (each
+    the better of "A" and " A"). Small models cannot bind letters to options (SmolLM2-135M puts "A" first
+    for every question: 25%, exactly chance, however easy), so the default is method="cloze": the
+    question alone is the user turn and each choice's text is scored as the reply (summed
+    log-probability, lm-eval's `acc`), through `response_logprobs`."""
+    items = list(quiz_items() if items is None else items)
     if not items:
         raise PersonavecError("quiz_accuracy needs at least one question")
     if method not in ("cloze", "letter"):
@@ -197,15 +175,8 @@ def quiz_accuracy(model: Model, items: Sequence[Mapping[str, Any]] | None = None
     render = _render if method == "letter" else (lambda item: str(item["question"]))
     prompts = [encode_chat(model.tokenizer, [{"role": "user", "content": render(item)}]) for item in items]
     score = _letter_scores if method == "letter" else _cloze_scores
-    correct, done = 0, 0
-    progress("quiz", 0, len(items))
-    for group in batches_by_length([len(p) for p in prompts], max_tokens=max_tokens, max_batch=batch_size):
-        with torch.no_grad():
-            scores = score(model, [prompts[i] for i in group], [items[i] for i in group])
-        correct += sum(int(int(s.argmax()) == answers[i]) for s, i in zip(scores, group, strict=True))
-        done += len(group)
-        progress("quiz", done, len(items))
-    return correct / len(items)
+    scores = score(model, prompts, items, batch_size, max_tokens, progress)
+    return sum(int(int(s.argmax()) == a) for s, a in zip(scores, answers, strict=True)) / len(items)
 
 
 def capability(model: Model, *, progress: Progress = no_progress) -> dict[str, float]:

@@ -51,3 +51,22 @@ class Judge(Protocol):
 def render(rubric: str, question: str, answer: str) -> str:
     """Fill a rubric's {question} and {answer} placeholders (str.replace: answers may contain braces)."""
     return rubric.replace("{question}", question).replace("{answer}", answer)
+
+
+class RubricJudge:
+    """Shared front of the 0–100 logprob judges: render the rubric, then score the prompts."""
+
+    def score_prompts(self, prompts: Sequence[str], progress: Progress | None = None,
+                      task: str = "judge") -> list[float | None]:
+        raise NotImplementedError
+
+    def score_batch(self, items: Sequence[JudgeItem], rubric: str,
+                    progress: Progress | None = None) -> list[float | None]:
+        """Trait scores of the items under `rubric` (with {question} and {answer} placeholders)."""
+        return self.score_prompts([render(rubric, it.question, it.answer) for it in items], progress, "judge")
+
+    def coherence_batch(self, items: Sequence[JudgeItem],
+                        progress: Progress | None = None) -> list[float | None]:
+        """Coherence scores 0–100 with the built-in coherence rubric."""
+        return self.score_prompts([render(COHERENCE_RUBRIC, it.question, it.answer) for it in items],
+                                  progress, "coherence")

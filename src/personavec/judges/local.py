@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from ..models import Model
 from ..progress import Progress
-from .base import COHERENCE_RUBRIC, JudgeItem, render
+from .base import RubricJudge
 from .cache import JudgeCache
 from .numbers import aggregate_distribution, integer_distributions, number_trie
 
@@ -20,7 +20,7 @@ log = logging.getLogger("personavec")
 METHOD_VERSION = "local-number-trie-mean-v1"
 
 
-class LocalJudge:
+class LocalJudge(RubricJudge):
     """Scores answers 0–100 with `model` as the judge.
 
     `batch_size` bounds the rows of one forward pass (each item needs one row per internal node of the
@@ -74,17 +74,6 @@ class LocalJudge:
                 if progress:
                     progress(task, sum(k in scores for k in keys), total)
         return [scores[k] for k in keys]
-
-    def score_batch(self, items: Sequence[JudgeItem], rubric: str,
-                    progress: Progress | None = None) -> list[float | None]:
-        """Trait scores of the items under `rubric` (with {question} and {answer} placeholders)."""
-        return self.score_prompts([render(rubric, it.question, it.answer) for it in items], progress, "judge")
-
-    def coherence_batch(self, items: Sequence[JudgeItem],
-                        progress: Progress | None = None) -> list[float | None]:
-        """Coherence scores 0–100 with the built-in coherence rubric."""
-        return self.score_prompts([render(COHERENCE_RUBRIC, it.question, it.answer) for it in items],
-                                  progress, "coherence")
 
     def __repr__(self) -> str:
         return f"LocalJudge({self.name!r})"

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import JudgeError
 from ..progress import Progress
-from .base import COHERENCE_RUBRIC, JudgeItem, render
+from .base import RubricJudge
 from .cache import JudgeCache
 from .numbers import aggregate_top_logprobs, parse_score_token
 
@@ -29,7 +29,7 @@ TOP_LOGPROBS = 20
 METHOD_VERSION = "openai-top20-first-token-mean-v1"
 
 
-class OpenAIJudge:
+class OpenAIJudge(RubricJudge):
     """Scores answers 0–100 with a chat model behind an OpenAI-compatible API.
 
     `base_url` None means $OPENAI_BASE_URL, else api.openai.com; for a local server pass its URL (".../v1") and the key
@@ -166,17 +166,6 @@ class OpenAIJudge:
                         "may split numbers into digits, so scores reflect first digits only; prefer a judge "
                         "with single-token numbers or a local judge", self.name, TOP_LOGPROBS)
         return [done_scores[k] for k in keys]
-
-    def score_batch(self, items: Sequence[JudgeItem], rubric: str,
-                    progress: Progress | None = None) -> list[float | None]:
-        """Trait scores of the items under `rubric` (with {question} and {answer} placeholders)."""
-        return self.score_prompts([render(rubric, it.question, it.answer) for it in items], progress, "judge")
-
-    def coherence_batch(self, items: Sequence[JudgeItem],
-                        progress: Progress | None = None) -> list[float | None]:
-        """Coherence scores 0–100 with the built-in coherence rubric."""
-        return self.score_prompts([render(COHERENCE_RUBRIC, it.question, it.answer) for it in items],
-                                  progress, "coherence")
 
     def __repr__(self) -> str:
         return f"OpenAIJudge({self.name!r})"
