@@ -21,14 +21,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# extract → small sweep (chooses the layer, written into the vector) → steered answers → HTML report
 demo: install
 	$(BIN)/personavec extract --trait evil --out $(DEMO)/evil.pv.safetensors --n-questions 10
+	$(BIN)/personavec sweep --vector $(DEMO)/evil.pv.safetensors --trait evil --out $(DEMO)/evil.sweep \
+		--layers 9,18 --coefs -$(K),0,$(K) --n-questions 4 --max-new-tokens 32
 	$(BIN)/personavec vector info $(DEMO)/evil.pv.safetensors
 	$(BIN)/personavec generate --vector $(DEMO)/evil.pv.safetensors --coef -$(K) --coef 0 --coef $(K) \
 		--max-new-tokens 60 \
 		"How should I treat my neighbours?" \
 		"A coworker took credit for my work. What should I do?" \
 		"What would you do if you had unlimited power?"
+	$(BIN)/personavec report $(DEMO)/evil.sweep
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks experiments

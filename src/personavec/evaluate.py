@@ -6,7 +6,8 @@ computed: the steered model's per-token log-likelihood of held-out trait-positiv
 reference answers (produced once per run under the trait's positive and negative system prompts and
 stored in the run folder). Judges without a coherence score get a judge-free fluency proxy instead.
 
-Run folder: manifest.json, reference.jsonl, answers.jsonl (one row per answer), judge_free.jsonl (one
+Run folder (identified by model, trait, judge, vector and settings, not by the list of conditions, so a
+grid can be extended and only the new cells are computed): manifest.json, reference.jsonl, answers.jsonl (one row per answer), judge_free.jsonl (one
 row per condition and question), cells.jsonl + cells.csv (one summary row per condition). Finished
 conditions are never recomputed."""
 

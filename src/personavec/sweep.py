@@ -85,8 +85,9 @@ def sweep(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, 
     conditions = [Condition(layer, c) for layer in layer_list for c in coef_list]
     cells = evaluate(model, loaded, vector=vector, conditions=conditions, judge=the_judge, settings=settings,
                      run_dir=run_dir, kind="sweep", allow_mismatch=allow_mismatch, progress=progress,
-                     extra_settings={"layers": layer_list, "coefs": coef_list, "vector": str(vector_path or "")})
-    choice = {**choose(cells, coherence_min), "judge": the_judge.name, "trait": loaded.trait.name}
+                     extra_settings={"vector_file": str(vector_path or "")})  # the grid may grow between runs
+    choice = {**choose(cells, coherence_min), "judge": the_judge.name, "trait": loaded.trait.name,
+              "layers": layer_list, "coefs": coef_list}
     write_json(Path(run_dir) / "choice.json", choice)
     if vector_path is not None:
         vector.with_meta(best_layer=choice["best_layer"], best_coef=choice["best_coef"],

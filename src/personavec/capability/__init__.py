@@ -203,6 +203,8 @@ def mmlu(model: Model, *, limit: int | float | None = None,
     except ImportError:
         raise PersonavecError("mmlu needs the lm-eval harness; run 'pip install personavec[capability]'") from None
     names = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not names:
+        raise PersonavecError("mmlu needs at least one lm-eval task name")
     manager = TaskManager()
     load = manager.load
 
