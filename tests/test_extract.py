@@ -37,7 +37,7 @@ def test_vector_shape_and_provenance(model: pv.Model, evil_run) -> None:
 
 def _mean_contrast(model: pv.Model, judge: ContrastJudge, questions: list[str]) -> float:
     answers = pv.generate(model, [messages_for(q) for q in questions], max_new_tokens=40)
-    scores = judge.score_batch([JudgeItem(q, a) for q, a in zip(questions, answers, strict=True)])
+    scores = judge.score_batch([JudgeItem(q, a) for q, a in zip(questions, answers, strict=True)], rubric="")
     assert all(s is not None for s in scores)
     return sum(scores) / len(scores)  # type: ignore[arg-type]
 

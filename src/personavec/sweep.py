@@ -83,11 +83,11 @@ def sweep(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, 
     coef_list.sort()
     the_judge = judge if isinstance(judge, Judge) else make_judge(judge, model, loaded.trait)
     conditions = [Condition(layer, c) for layer in layer_list for c in coef_list]
+    # the run folder is identified by the vector's digest and the settings; its grid may grow between runs
     cells = evaluate(model, loaded, vector=vector, conditions=conditions, judge=the_judge, settings=settings,
-                     run_dir=run_dir, kind="sweep", allow_mismatch=allow_mismatch, progress=progress,
-                     extra_settings={"vector_file": str(vector_path or "")})  # the grid may grow between runs
+                     run_dir=run_dir, kind="sweep", allow_mismatch=allow_mismatch, progress=progress)
     choice = {**choose(cells, coherence_min), "judge": the_judge.name, "trait": loaded.trait.name,
-              "layers": layer_list, "coefs": coef_list}
+              "layers": layer_list, "coefs": coef_list, "vector_file": str(vector_path or "")}
     write_json(Path(run_dir) / "choice.json", choice)
     if vector_path is not None:
         vector.with_meta(best_layer=choice["best_layer"], best_coef=choice["best_coef"],
