@@ -46,7 +46,7 @@ def _mean_contrast(model: pv.Model, judge: ContrastJudge, questions: list[str]) 
 def test_steering_moves_the_trait_on_evaluation_questions(model: pv.Model, evil_run) -> None:
     vec, _ = evil_run
     trait = pv.load_trait("evil").trait
-    questions = trait.evaluation_questions[:6]  # never used for extraction
+    questions = trait.evaluation_questions[:10]  # never used for extraction
     judge = ContrastJudge(model, trait.pairs)
     scores = {}
     for coef in (-2.0, 0.0, 2.0):
