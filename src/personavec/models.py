@@ -76,6 +76,14 @@ class Model:
                         seed=seed)[0]
 
 
+def last_logits_kwargs(hf: Any) -> dict[str, int]:
+    """Forward kwargs asking for the last position's logits only (full logits are rows × length × vocab)."""
+    import inspect
+
+    params = inspect.signature(hf.forward).parameters
+    return next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
+
+
 def cache_root() -> Path:
     """User cache folder: $PERSONAVEC_CACHE, else $XDG_CACHE_HOME/personavec, else ~/.cache/personavec."""
     if env := os.environ.get("PERSONAVEC_CACHE"):

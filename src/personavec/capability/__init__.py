@@ -13,7 +13,6 @@ left-padded prompts.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from ..capture import Sample
 from ..chat import batches_by_length, encode_chat, encode_response, pad_batch
 from ..errors import PersonavecError
 from ..likelihood import response_logprobs
+from ..models import last_logits_kwargs
 from ..progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -63,12 +63,6 @@ def quiz_items() -> list[QuizItem]:
 def _pad_id(model: Model) -> int:
     pad_id = model.tokenizer.pad_token_id
     return 0 if pad_id is None else int(pad_id)
-
-
-def _last_logits_kwarg(hf: Any) -> dict[str, int]:
-    """Ask for the last position's logits only, where the model supports it."""
-    params = inspect.signature(hf.forward).parameters
-    return next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
 
 
 def perplexity(model: Model, texts: Sequence[str] | None = None, *, batch_size: int = 8,
@@ -132,7 +126,7 @@ def _letter_scores(model: Model, prompts: list[list[int]], items: list[Mapping[s
         ids, mask = pad_batch([prompts[i] for i in group], _pad_id(model), side="left", device=model.device)
         with torch.no_grad():
             logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                              use_cache=False, **_last_logits_kwarg(model.hf)).logits[:, -1].float()
+                              use_cache=False, **last_logits_kwargs(model.hf)).logits[:, -1].float()
         logp = torch.log_softmax(logits, dim=-1).cpu()
         for row, i in enumerate(group):
             out[i] = torch.stack([logp[row, letter_ids[k]].max() for k in range(len(items[i]["choices"]))])

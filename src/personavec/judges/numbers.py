@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..models import last_logits_kwargs
+
 if TYPE_CHECKING:
     from ..models import Model
 
@@ -130,15 +132,6 @@ def number_trie(tokenizer: Any, max_value: int = 100) -> NumberTrie:
     return trie
 
 
-def _logits_kwargs(hf: Any) -> dict[str, int]:
-    """Ask for the last position's logits only: full logits are rows × length × vocab floats."""
-    params = inspect.signature(hf.forward).parameters
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            return {name: 1}
-    return {}
-
-
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
     """Probabilities on the CPU in at least float32 (bf16 sums over a vocabulary lose digits)."""
     return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).cpu()
@@ -160,7 +153,7 @@ def _next_token_probs(model: Model, seqs: list[list[int]], batch_size: int, max_
     hf = model.hf
     pad_id = model.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else int(pad_id)
-    extra = _logits_kwargs(hf)
+    extra = last_logits_kwargs(hf)
     out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
     for batch in batches_by_length([len(s) for s in seqs], max_tokens=max_tokens, max_batch=batch_size):
         ids, mask = pad_batch([seqs[i] for i in batch], pad_id, side="left", device=model.device)
@@ -186,7 +179,7 @@ def _shared_prefix_probs(model: Model, prompts: Sequence[list[int]], suffixes: S
     hf, device = model.hf, model.device
     ids, mask = pad_batch([list(p) for p in prompts], pad_id, side="left", device=device)
     first = hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-               use_cache=True, **_logits_kwargs(hf))
+               use_cache=True, **last_logits_kwargs(hf))
     rows: list[list[torch.Tensor]] = [[p] for p in _softmax(first.logits[:, -1])]
     if not suffixes:
         return rows
