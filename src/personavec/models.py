@@ -137,7 +137,7 @@ def _resolve_device(device: str | None) -> str:
 
 def _fast_cpu_bf16(device: str) -> bool:
     """CPUs with native bfloat16 (AVX512-BF16, AMX) run bf16 matmuls several times faster than float32
-    (9x measured on the 2-core EPYC used for CI); elsewhere bf16 on a CPU is slow, so keep float32."""
+    (1.9x on the 2-core EPYC used for CI: benchmarks/dtype_speed.py); elsewhere bf16 on a CPU is slow."""
     if device != "cpu":
         return False
     cpu = getattr(torch, "cpu", None)
