@@ -340,6 +340,11 @@ def vector_info(path: Annotated[Path, typer.Argument(help="A .pv.safetensors fil
     out.print("response-vector norm by layer: " + ", ".join(f"{i}:{n:.1f}" for i, n in enumerate(norms)))
 
 
+# The commands of later features live in modules of their own (cli_*.py); importing them registers them
+# on `app`, `traits_app` and `vector_app`, so this file stays the one entry point.
+from . import cli_monitor, cli_screen, cli_serve, cli_train, cli_vectors  # noqa: E402, F401
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,1 @@
+"""`personavec screen`: projection-difference screening of training data."""

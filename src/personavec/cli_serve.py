@@ -1,0 +1,1 @@
+"""`personavec serve`: the steering-aware, monitoring OpenAI-compatible server."""

@@ -1,0 +1,1 @@
+"""`personavec train`, `personavec shift` and `personavec data elicit`: training-time steering."""

@@ -1,0 +1,1 @@
+"""`personavec trait new` and the vector algebra, comparison and GGUF interop commands."""
