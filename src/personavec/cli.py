@@ -357,4 +357,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Under `python -m personavec.cli` this file runs as __main__, but the cli_* modules register their commands
+    # on the imported `personavec.cli` module's app: run that one, so both entry points see every command.
+    from personavec.cli import main as _main
+
+    _main()
