@@ -1,0 +1,260 @@
+"""The generation worker: one thread owns the model and runs admitted requests one at a time.
+
+Steering and monitoring hooks are module-global (they live on the decoder blocks), so two requests that
+ran at once would steer each other. Serializing generation through one worker makes isolation exact: a
+request's hooks exist only while that request runs, and an unsteered request computes exactly what it
+computes alone. Several engines on the same model share one lock (kept in `model.extra`) for the same
+reason.
+
+Admission is bounded: at most `max_queue` requests wait behind the running one; beyond that
+`try_submit` says no (the server answers 429) instead of letting the queue grow. A cancelled request
+(client gone) stops at the next token and frees its slot.
+
+Generation is a token-by-token loop with the KV cache (so answers can stream): steering positions follow
+`steering`'s convention for cached generation ("response" = the last prompt position in the prefill,
+then every generated token)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..generation import _stop_ids
+from ..models import last_logits_kwargs
+from ..projection import watch
+from ..steering import steer
+from .log import RequestLog
+from .persona import PersonaMonitor
+
+if TYPE_CHECKING:
+    from ..models import Model
+    from ..vectors import PersonaVector
+
+log = logging.getLogger("personavec.serve")
+
+Event = tuple[str, Any]  # ("delta", str) | ("done", Result) | ("error", Exception)
+
+
+@dataclass(frozen=True)
+class SteerTerm:
+    """A validated steering term of one request (layer L = output of decoder block L)."""
+
+    vector: str
+    layer: int
+    coef: float
+    positions: str
+    direction: torch.Tensor = field(repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"vector": self.vector, "layer": self.layer, "coef": self.coef, "positions": self.positions}
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stops: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    steer: list[SteerTerm] = field(default_factory=list)
+    emit: Callable[[Event], None] = lambda _e: None  # called from the worker thread; must be thread-safe
+    log_fields: dict[str, Any] = field(default_factory=dict)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    persona: dict[str, dict[str, Any]]
+    queue_s: float
+    generate_s: float
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class TextStream:
+    """Incremental detokenization: text safe to send now, holding back a possible partial UTF-8 character
+    or the beginning of a stop string; the concatenated pieces equal the final text."""
+
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.sent = ""
+        self.full = ""
+
+    def push(self, tokens: list[int]) -> tuple[str, bool]:
+        """(new text to send, whether a stop string was reached)."""
+        self.full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        hits = [i for i in (self.full.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.full = self.full[:min(hits)]
+            return self._advance(len(self.full)), True
+        safe = len(self.full.rstrip("\ufffd")) if self.full.endswith("\ufffd") else len(self.full)
+        return self._advance(min(safe, len(self.full) - self.hold)), False
+
+    def flush(self) -> str:
+        return self._advance(len(self.full))
+
+    def _advance(self, upto: int) -> str:
+        if upto <= len(self.sent):
+            return ""
+        piece = self.full[len(self.sent):upto]
+        self.sent = self.full[:upto]
+        return piece
+
+
+def model_lock(model: Model) -> threading.Lock:
+    lock: threading.Lock = model.extra.setdefault("generation_lock", threading.Lock())
+    return lock
+
+
+class Engine:
+    """Owns generation on `model`; see the module docstring for the isolation and queueing rules."""
+
+    def __init__(self, model: Model, vectors: Mapping[str, PersonaVector], *, max_queue: int = 16,
+                 request_log: RequestLog | None = None) -> None:
+        if max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        self.model = model
+        self.vectors = dict(vectors)
+        self.monitor = PersonaMonitor.build(self.vectors) if self.vectors else None
+        self.max_queue = max_queue
+        self.log = request_log or RequestLog(None)
+        self._stop_ids = _stop_ids(model)
+        self._keep = last_logits_kwargs(model.hf)
+        # transformers 5.x calls the KV cache `cache`; earlier versions `past_key_values`
+        params = inspect.signature(model.hf.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._admitted = 0
+        self._count_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    # ---- admission and the worker thread -------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not finished (running + waiting)."""
+        with self._count_lock:
+            return self._admitted
+
+    def try_submit(self, job: Job) -> bool:
+        """Queue `job` unless `max_queue` requests already wait behind the running one."""
+        with self._count_lock:
+            if self._closing or self._admitted > self.max_queue:
+                return False
+            self._admitted += 1
+        self._queue.put(job)
+        return True
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._closing = False
+            self._thread = threading.Thread(target=self._work, name="personavec-serve-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel waiting requests, let the running one stop at its next token, join the worker."""
+        self._closing = True
+        for job in list(self._queue.queue):
+            if job is not None:
+                job.cancel.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                result = self.run(job)
+                self._log(job, result)
+                job.emit(("done", result))
+            except Exception as exc:  # a bug: answer 500 for this request and keep serving the others
+                log.exception("generation failed")
+                job.emit(("error", exc))
+            finally:
+                with self._count_lock:
+                    self._admitted -= 1
+
+    def _log(self, job: Job, result: Result) -> None:
+        self.log.write({**job.log_fields, "finish_reason": result.finish_reason, "usage": result.usage,
+                        "queue_s": round(result.queue_s, 4), "generate_s": round(result.generate_s, 4),
+                        "steer": [t.describe() for t in job.steer], "persona": result.persona,
+                        "flagged": sorted(n for n, r in result.persona.items() if r["flagged"]),
+                        "completion": result.text})
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def run(self, job: Job) -> Result:
+        """Generate one answer for `job` now, in the calling thread, under the model's lock."""
+        start = time.monotonic()
+        queue_s = start - job.submitted
+        if job.cancel.is_set():
+            return Result("", "cancelled", len(job.prompt), 0, {}, queue_s, 0.0)
+        model, hf = self.model, self.model.hf
+        text = TextStream(model.tokenizer, job.stops)
+        tokens: list[int] = []
+        finish = "length"
+        gen = torch.Generator(device=model.device).manual_seed(job.seed)
+        with model_lock(model), torch.no_grad(), ExitStack() as stack:
+            for t in job.steer:  # entered before the watch, so readings see the steered residual stream
+                stack.enter_context(steer(model, {t.layer: t.direction}, coef=t.coef, positions=t.positions))
+            record = stack.enter_context(watch(model, self.monitor.dirs)) if self.monitor else None
+            ids = torch.tensor([job.prompt], device=model.device)
+            out = hf(input_ids=ids, use_cache=True, **self._keep)
+            while len(tokens) < job.max_tokens:
+                if job.cancel.is_set():
+                    finish = "cancelled"
+                    break
+                tok = self._pick(out.logits[0, -1], job, gen)
+                if tok in self._stop_ids:
+                    finish = "stop"
+                    break
+                tokens.append(tok)
+                piece, hit = text.push(tokens)
+                if piece:
+                    job.emit(("delta", piece))
+                # feed every kept token once: its activation is a response position for the persona reading
+                past = out.cache if hasattr(out, "cache") else out.past_key_values
+                out = hf(input_ids=torch.tensor([[tok]], device=model.device), use_cache=True,
+                         **{self._cache_kw: past}, **self._keep)
+                if hit:
+                    finish = "stop"
+                    break
+            persona = self.monitor.readings(record) if self.monitor else {}
+        if piece := text.flush():
+            job.emit(("delta", piece))
+        return Result(text.sent, finish, len(job.prompt), len(tokens), persona, queue_s, time.monotonic() - start)
+
+    def _pick(self, logits: torch.Tensor, job: Job, gen: torch.Generator) -> int:
+        scores = logits.float()
+        if job.ignore_eos:
+            scores[self._stop_ids] = float("-inf")
+        if job.temperature == 0:
+            return int(scores.argmax())
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(job.temperature)])
+        if job.top_p < 1:
+            warpers.append(TopPLogitsWarper(job.top_p))
+        no_ids: Any = torch.empty(1, 0, dtype=torch.long)  # the warpers do not read the ids
+        probs = torch.softmax(warpers(no_ids, scores[None]), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=gen)[0, 0])

@@ -1,0 +1,67 @@
+"""The `persona` field of a response: per loaded vector, the last-prompt-token projection (a prediction
+made before the answer is written), the mean projection over the response tokens, and a flag.
+
+Readings come from `projection.watch` hooks on the forward passes that generate the answer, so they cost
+no extra pass and see the residual stream the model actually ran on (steering included, when a request
+steers at the reading layer). Each vector is read at the layer `monitor-eval` calibrated it on
+(meta["monitor"]["layer"]), else at its chosen layer (`PersonaVector.layer`). `flagged` is true when a
+projection reaches the calibrated threshold (meta["monitor"]["threshold"]) and null when the vector has
+no calibration."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..projection import Watch, directions
+from ..vectors import PersonaVector
+
+
+def monitor_meta(vector: PersonaVector) -> dict[str, Any]:
+    meta = vector.meta.get("monitor")
+    return meta if isinstance(meta, dict) else {}
+
+
+@dataclass(frozen=True)
+class PersonaMonitor:
+    names: list[str]
+    dirs: dict[str, tuple[int, torch.Tensor]]  # name -> (layer, unit vector), as `projection.watch` takes
+    thresholds: dict[str, float | None]
+
+    @classmethod
+    def build(cls, vectors: Mapping[str, PersonaVector]) -> PersonaMonitor:
+        layers: dict[str, int] = {}
+        thresholds: dict[str, float | None] = {}
+        for name, vec in vectors.items():
+            meta = monitor_meta(vec)
+            layers[name] = int(meta["layer"]) if isinstance(meta.get("layer"), int) else vec.layer
+            thr = meta.get("threshold")
+            thresholds[name] = float(thr) if isinstance(thr, int | float) and math.isfinite(thr) else None
+        return cls(names=list(vectors), dirs=directions(vectors, layers), thresholds=thresholds)
+
+    def readings(self, record: Watch | None) -> dict[str, dict[str, Any]]:
+        """{name: {layer, prompt_projection, response_projection, threshold, flagged}} from a watch over one
+        generation: step 0 is the prefill (its last position is the last prompt token), each later step
+        holds one generated token's activation."""
+        if record is None or not record.steps:
+            return {}
+        prompt = record.steps[0][0, -1]
+        later = [s[0] for s in record.steps[1:]]
+        response = torch.cat(later).mean(0) if later else None
+        out: dict[str, dict[str, Any]] = {}
+        for k, name in enumerate(self.names):
+            p = _finite(float(prompt[k]))
+            r = _finite(float(response[k])) if response is not None else None
+            thr = self.thresholds[name]
+            flagged = None if thr is None else any(v is not None and v >= thr for v in (p, r))
+            out[name] = {"layer": self.dirs[name][0], "prompt_projection": p, "response_projection": r,
+                         "threshold": thr, "flagged": flagged}
+        return out
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
