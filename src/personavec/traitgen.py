@@ -194,12 +194,24 @@ def generate_trait(name: str, description: str, generator: Generator, *, retries
                      "try a stronger generator model or --retries")
 
 
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the rubric) as literal blocks, readable for the review the user should do."""
+
+
+def _str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
 def trait_yaml(trait: Trait, header: str = "") -> str:
     """The trait as a trait file (same key order as the built-in files), with an optional comment header."""
     data = trait.model_dump(exclude_defaults=True)
     data = {k: data[k] for k in ("name", "description", "pairs", "extraction_questions", "evaluation_questions",
                                  "rubric", "graded_prompts") if k in data}
-    body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=110, default_flow_style=False)
+    body = yaml.dump(data, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=110,
+                     default_flow_style=False)
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     return comment + body
 
