@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from chat_fake import ScriptedChat
+from chat_fake import ScriptedChat, running
 from openai_fake import serve
 
 import personavec as pv
@@ -21,7 +21,6 @@ from personavec.errors import PersonavecError, TraitError
 from personavec.traitgen import (
     anthropic_generator,
     generate_trait,
-    local_generator,
     make_generator,
     openai_generator,
     parse_answer,
@@ -122,12 +121,29 @@ def test_anthropic_protocol_round_trip() -> None:
     assert "at least 5" in body["messages"][-1]["content"]
 
 
+def test_local_generator_answers_a_conversation(model: pv.Model) -> None:
+    asked: list[str | None] = []
+
+    def load(spec: str | None) -> pv.Model:
+        asked.append(spec)
+        return model
+
+    gen = make_generator("local", max_tokens=6, load=load)
+    reply = gen([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}])
+    assert asked == [None] and isinstance(reply, str) and reply.strip()
+
+
 @pytest.mark.slow
-def test_local_generator_that_cannot_follow_the_format_stops_with_the_problems(model: pv.Model) -> None:
-    gen = local_generator(model, max_new_tokens=8)  # far too short for a trait: the reply fails validation
-    assert gen([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]).strip()
-    with pytest.raises(TraitError, match=r"no valid trait in 1 attempts; last problems: "):
-        generate_trait("overconfident", DESCRIPTION, gen, retries=0)
+def test_against_the_projects_own_server(model: pv.Model) -> None:
+    """`personavec serve` is an OpenAI-compatible endpoint too; the 135M model cannot write a trait in 16
+    tokens, so the run ends with the problems listed."""
+    from personavec.serve import ServeSettings, create_app
+
+    app = create_app(model, [], ServeSettings(api_key="k", max_tokens_limit=16))
+    with running(app) as url:
+        gen = make_generator(f"openai:{model.model_id}@{url}", api_key="k", max_tokens=16)
+        with pytest.raises(TraitError, match="no valid trait in 1 attempts"):
+            generate_trait("overconfident", DESCRIPTION, gen, retries=0)
 
 
 def test_bad_specs_and_names() -> None:
