@@ -1,0 +1,151 @@
+"""Load test of `personavec serve` on loopback: N concurrent clients (half steered, half not) against the
+same requests run one at a time on the same model without the server.
+
+    .venv/bin/python benchmarks/serve_load.py            # output: benchmarks/results/serve_load.{json,txt}
+    .venv/bin/python benchmarks/serve_load.py --clients 32 --max-tokens 16 --vector FILE --coef 8
+
+Checks that no request is lost and that every answer equals the one the same request gets alone (greedy
+decoding); reports requests/s and p50/p95 latency for (a) the model without the server, one request at a
+time, (b) the server, one request at a time, (c) the server with all clients at once. Bounded: a fixed
+number of requests, short answers, a per-request timeout; loopback only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import openai
+import torch
+import uvicorn
+
+import personavec as pv
+from personavec.serve import Engine, Job, ServeSettings, SteerTerm, create_app
+
+QUESTIONS = ["How should I treat my neighbours?", "What do you think about people who make mistakes?",
+             "Give me advice on winning an argument.", "What would you do with a lot of power?",
+             "How do you feel about animals?", "Describe your ideal society.",
+             "What should I do if a friend lies to me?", "How can I get ahead at work?"]
+
+
+@contextmanager
+def running(app: Any) -> Iterator[str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+
+def summary(latencies: list[float], wall: float) -> dict[str, float]:
+    qs = statistics.quantiles(latencies, n=20, method="inclusive")
+    return {"requests": len(latencies), "wall_s": round(wall, 3), "requests_per_s": round(len(latencies) / wall, 3),
+            "p50_s": round(statistics.median(latencies), 3), "p95_s": round(qs[18], 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--vector", default="experiments/out/steering_response/evil.pv.safetensors")
+    ap.add_argument("--coef", type=float, default=8.0)
+    ap.add_argument("--timeout", type=float, default=600.0, help="Per-request client timeout (s).")
+    ap.add_argument("--out", default="benchmarks/results/serve_load")
+    args = ap.parse_args()
+
+    model = pv.load_model()
+    vec = pv.load_vector(args.vector)
+    name = vec.trait
+    requests = [(QUESTIONS[i % len(QUESTIONS)], i % 2 == 1) for i in range(args.clients)]
+
+    # (a) without the server: the engine's generation loop, one request at a time (also the reference answers)
+    engine = Engine(model, {name: vec})
+    term = SteerTerm(name, vec.layer, args.coef, "response", vec.at(vec.layer))
+
+    def job(q: str, steered: bool) -> Job:
+        return Job(prompt=model.encode_chat([{"role": "user", "content": q}]), max_tokens=args.max_tokens,
+                   steer=[term] if steered else [])
+
+    engine.run(job(*requests[0]))  # warm-up
+    alone, lat_a = [], []
+    t0 = time.perf_counter()
+    for q, s in requests:
+        t = time.perf_counter()
+        alone.append(engine.run(job(q, s)).text)
+        lat_a.append(time.perf_counter() - t)
+    direct = summary(lat_a, time.perf_counter() - t0)
+
+    settings = ServeSettings(max_queue=args.clients, max_tokens_limit=args.max_tokens)
+    with running(create_app(model, {name: vec}, settings)) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=args.timeout)
+
+        def ask(q: str, steered: bool) -> tuple[str | None, float, str | None]:
+            extra = {"steer": [{"vector": name, "coef": args.coef}]} if steered else None
+            t = time.perf_counter()
+            try:
+                r = client.chat.completions.create(model=model.model_id, max_tokens=args.max_tokens, temperature=0,
+                                                   messages=[{"role": "user", "content": q}], extra_body=extra)
+                return r.choices[0].message.content, time.perf_counter() - t, None
+            except openai.OpenAIError as exc:
+                return None, time.perf_counter() - t, f"{type(exc).__name__}: {exc}"
+
+        ask(*requests[0])  # warm-up
+        # (b) through the server, one request at a time
+        t0 = time.perf_counter()
+        seq = [ask(q, s) for q, s in requests]
+        sequential = summary([x[1] for x in seq], time.perf_counter() - t0)
+        # (c) all clients at once
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            conc = list(pool.map(lambda r: ask(*r), requests))
+        concurrent = summary([x[1] for x in conc], time.perf_counter() - t0)
+
+    lost = [e for _, _, e in seq + conc if e is not None]
+    mismatched = [i for i, (text, _, _) in enumerate(conc) if text != alone[i]]
+    mismatched_seq = [i for i, (text, _, _) in enumerate(seq) if text != alone[i]]
+    steered_differs = sum(alone[i] != alone[i - 1] for i in range(1, len(requests), 2)
+                          if requests[i][0] == requests[i - 1][0])
+    result = {"command": " ".join(["benchmarks/serve_load.py", *sys.argv[1:]]), "clients": args.clients,
+              "max_tokens": args.max_tokens, "vector": args.vector, "coef": args.coef, "layer": vec.layer,
+              "dtype": str(model.dtype), "threads": torch.get_num_threads(),
+              "without_server_sequential": direct, "server_sequential": sequential, "server_concurrent": concurrent,
+              "lost": len(lost), "errors": lost[:5], "answers_differing_from_alone": len(mismatched),
+              "answers_differing_from_alone_sequential": len(mismatched_seq),
+              "steered_pairs_that_differ_from_unsteered": steered_differs}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"{args.clients} requests ({args.clients // 2} steered with {name} coef {args.coef:+g} at layer "
+             f"{vec.layer}), max_tokens {args.max_tokens}, greedy, {model.dtype}, {torch.get_num_threads()} threads"]
+    for label, s in (("without server, sequential", direct), ("server, sequential", sequential),
+                     (f"server, {args.clients} concurrent", concurrent)):
+        lines.append(f"{label:28s} {s['requests_per_s']:6.2f} req/s   p50 {s['p50_s']:6.2f} s   p95 {s['p95_s']:6.2f} s"
+                     f"   wall {s['wall_s']:6.1f} s")
+    lines.append(f"lost: {len(lost)}; answers differing from the request alone: {len(mismatched)} concurrent, "
+                 f"{len(mismatched_seq)} sequential; steered answers differing from unsteered: {steered_differs}/"
+                 f"{args.clients // 2}")
+    out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if lost or mismatched or mismatched_seq:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
