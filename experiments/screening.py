@@ -1,0 +1,174 @@
+"""Issue-6 experiment: does the projection difference ΔP find trait-inducing training samples, per sample
+and per dataset, on the embedded model (evil)? Full mode (base model's own answer) and --fast mode
+(last prompt token) side by side.
+
+Data: `personavec data elicit` answers (the model's own, sampled at T=1) to the evil trait's extraction
+questions 10-19, which the vector's extraction (questions 0-9) never saw, under the negative ("normal") and
+positive ("level2") system prompts, saved WITHOUT the system prompt. Evaluation questions are not used.
+  * sample level: screen normal ∪ level2 and compute the ROC AUC of ΔP for level2 vs normal;
+  * dataset level: mixtures with 0, 10, 25, 50, 100% level2 rows (same size, drawn without replacement)
+    screened one by one; the mean ΔP (95% t interval) must increase with contamination.
+
+    .venv/bin/python experiments/screening.py --out experiments/out/screening
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.csv as pacsv
+
+import personavec as pv
+from personavec.data import ElicitSettings, elicit, mix
+from personavec.screen import screen
+from personavec.traits import LoadedTrait
+
+CONTAMINATION = (0.0, 0.10, 0.25, 0.50, 1.0)
+
+
+def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(ΔP of a random positive > ΔP of a random negative), ties counted half (Mann-Whitney U)."""
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def delta_p(path: Path) -> np.ndarray:
+    return np.array(pacsv.read_csv(path).column("evil_delta_p").to_pylist())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("experiments/out/screening"))
+    ap.add_argument("--vector", type=Path, default=Path("experiments/out/steering_response/evil.pv.safetensors"),
+                    help="evil vector (extracted on extraction questions 0-9); extracted here if missing")
+    ap.add_argument("--rollouts", type=int, default=2)
+    ap.add_argument("--mixture-size", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log_lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        log_lines.append(msg)
+
+    t0 = time.time()
+    model = pv.load_model()
+    base = pv.load_trait("evil")
+    if args.vector.exists():
+        vec = pv.load_vector(args.vector)
+        log(f"vector {args.vector} (layer {vec.layer}, extraction questions 0-9)")
+    else:
+        vec = pv.extract(model, "evil", run_dir=out / "evil.extract", n_questions=10, max_new_tokens=48)
+        vec.save(out / "evil.pv.safetensors")
+        log(f"extracted the evil vector on extraction questions 0-9 (layer {vec.layer}, no sweep)")
+    held = base.trait.model_copy(update={"extraction_questions": base.trait.extraction_questions[10:]})
+    trait = LoadedTrait(trait=held, source=base.source, sha256=base.sha256)
+    sets = elicit(model, trait, out / "data", levels=("normal", "level2"),
+                  settings=ElicitSettings(rollouts=args.rollouts, max_new_tokens=48, temperature=1.0))
+    normal = sets["normal"].read_text().splitlines()
+    evil = sets["level2"].read_text().splitlines()
+    log(f"elicited {len(normal)} normal and {len(evil)} level2 answers on extraction questions 10-19 "
+        f"({time.time() - t0:.0f}s)")
+    labelled = out / "data" / "labelled.jsonl"
+    labelled.write_text("\n".join(normal + evil) + "\n")
+    labels = np.array([0] * len(normal) + [1] * len(evil))
+    cache = out / "base-answers.sqlite"
+    results: dict[str, Any] = {"vector": str(args.vector), "layer": vec.layer, "n_normal": len(normal),
+                               "n_level2": len(evil), "mixture_size": args.mixture_size, "modes": {}}
+    for mode in ("full", "fast"):
+        t = time.time()
+        res = screen(model, labelled, [vec], out / mode / "labelled.csv", fast=mode == "fast", cache=cache,
+                     max_new_tokens=64)
+        dp = delta_p(res.scores)
+        idx = np.array(pacsv.read_csv(res.scores).column("index").to_pylist())
+        y = labels[idx]
+        auc = roc_auc(dp[y == 1], dp[y == 0])
+        r: dict[str, Any] = {"auc": auc, "rejected": res.summary["rejected"],
+                             "mean_normal": float(dp[y == 0].mean()), "mean_level2": float(dp[y == 1].mean()),
+                             "seconds_labelled": round(time.time() - t, 1), "mixtures": []}
+        log(f"[{mode}] sample-level ROC AUC (level2 vs normal) = {auc:.3f}; mean ΔP normal "
+            f"{r['mean_normal']:.2f}, level2 {r['mean_level2']:.2f}; {res.summary['rejected']} rejected "
+            f"({r['seconds_labelled']}s)")
+        for frac in CONTAMINATION:
+            name = f"mix{round(frac * 100):03d}"
+            data = out / "data" / f"{name}.jsonl"
+            if not data.exists():
+                parts = {sets["normal"]: 1 - frac, sets["level2"]: frac}
+                mix({p: f for p, f in parts.items() if f > 0}, data, n=args.mixture_size, seed=1)
+            m = screen(model, data, [vec], out / mode / f"{name}.csv", fast=mode == "fast", cache=cache,
+                       max_new_tokens=64)
+            d = m.summary["traits"]["evil"]["delta_p"]
+            r["mixtures"].append({"contamination": frac, "n": d["n"], "mean": d["mean"], "ci_low": d["ci_low"],
+                                  "ci_high": d["ci_high"]})
+            log(f"[{mode}] {frac:4.0%} contaminated: mean ΔP {d['mean']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"
+                f" (n={d['n']})")
+        means = [x["mean"] for x in r["mixtures"]]
+        r["ordered"] = bool(all(a < b for a, b in itertools.pairwise(means)))
+        r["adjacent_ci_disjoint"] = [bool(a["ci_high"] < b["ci_low"])
+                                     for a, b in itertools.pairwise(r["mixtures"])]
+        log(f"[{mode}] dataset-level ordering 0<10<25<50<100%: {r['ordered']}; adjacent 95% CIs disjoint: "
+            f"{r['adjacent_ci_disjoint']}")
+        results["modes"][mode] = r
+    results["seconds"] = round(time.time() - t0, 1)
+    results["command"] = " ".join(sys.argv)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(out, results, labels, {m: out / m / "labelled.csv" for m in ("full", "fast")})
+    write_md(out, results)
+    (out / "stdout.txt").write_text("\n".join(log_lines) + "\n")
+
+
+def plot(out: Path, results: dict[str, Any], labels: np.ndarray, scores: dict[str, Path]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, mode in zip(axes[:2], ("full", "fast"), strict=True):
+        table = pacsv.read_csv(scores[mode])
+        dp = np.array(table.column("evil_delta_p").to_pylist())
+        y = labels[np.array(table.column("index").to_pylist())]
+        bins = np.histogram_bin_edges(dp, bins=30).tolist()
+        ax.hist(dp[y == 0], bins=bins, alpha=0.6, label="normal")
+        ax.hist(dp[y == 1], bins=bins, alpha=0.6, label="level2 (evil prompt)")
+        ax.set_title(f"{mode}: AUC {results['modes'][mode]['auc']:.3f}")
+        ax.set_xlabel("evil ΔP")
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    for mode in ("full", "fast"):
+        mx = results["modes"][mode]["mixtures"]
+        x = [100 * m["contamination"] for m in mx]
+        y = [m["mean"] for m in mx]
+        err = [[m["mean"] - m["ci_low"] for m in mx], [m["ci_high"] - m["mean"] for m in mx]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=mode)
+    ax.set_xlabel("contamination (% level2 rows)")
+    ax.set_ylabel("dataset mean ΔP (95% CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "screening.png", dpi=110)
+
+
+def write_md(out: Path, results: dict[str, Any]) -> None:
+    lines = ["| mode | sample ROC AUC | mean ΔP 0% | 10% | 25% | 50% | 100% | ordered |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode, r in results["modes"].items():
+        cells = [f"{m['mean']:.2f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]" for m in r["mixtures"]]
+        lines.append(f"| {mode} | {r['auc']:.3f} | " + " | ".join(cells) + f" | {r['ordered']} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
