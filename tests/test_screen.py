@@ -251,6 +251,7 @@ def test_cli_screen(vec: pv.PersonaVector, work: Path) -> None:
         f"error: dataset '{work / 'empty.jsonl'}' is empty: no rows to screen"]
 
 
+@pytest.mark.slow
 def test_ray_local_matches_single_process(model: pv.Model, vec: pv.PersonaVector, single: dict[str, Any],
                                          work: Path) -> None:
     ray = pytest.importorskip("ray")
