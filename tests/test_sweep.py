@@ -37,6 +37,20 @@ def test_choose_respects_coherence() -> None:
         choose(cells, coherence_min=99)
 
 
+def test_choose_weighs_the_judge_free_measure() -> None:
+    """Layer 9 moves the judge score a little more, layer 14 moves both readings: 14 wins; without
+    judge-free values the judge score alone decides."""
+    cells = [{"layer": 9, "coef": 0.0, "trait_mean": 0.0, "judge_free_mean": 0.0},
+             {"layer": 9, "coef": 2.0, "trait_mean": 0.6, "judge_free_mean": -0.1},
+             {"layer": 14, "coef": 2.0, "trait_mean": 0.5, "judge_free_mean": 0.4},
+             {"layer": 14, "coef": -2.0, "trait_mean": -0.5, "judge_free_mean": -0.4}]
+    picked = choose(cells, coherence_min=None)
+    assert picked["best_layer"] == 14 and picked["judge_free_change"] == pytest.approx(0.4)
+    assert "judge-free" in picked["criterion"]
+    judge_only = [{k: v for k, v in c.items() if k != "judge_free_mean"} for c in cells]
+    assert choose(judge_only, coherence_min=None)["best_layer"] == 9
+
+
 @pytest.mark.slow
 def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_run, tmp_path: Path) -> None:
     vec, _ = evil_run

@@ -31,10 +31,25 @@ def default_layers(n_layers: int) -> list[int]:
     return sorted({max(1, min(n_layers, round(n_layers * f))) for f in (0.3, 0.45, 0.6, 0.75)})
 
 
+def _spread(values: Sequence[float | None]) -> float | None:
+    """Standard deviation over the grid: the unit in which a measure's change is counted."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if len(xs) < 2:
+        return None
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
+    return sd if sd > 0 else None
+
+
 def choose(cells: Sequence[dict[str, Any]], coherence_min: float | None) -> dict[str, Any]:
-    """Best layer = the largest rise of the mean trait score over the unsteered model, among positive
-    coefficients whose mean coherence stays at or above the threshold. A threshold of None means 50% of
-    the unsteered coherence (for judge-free fluency, which has no absolute scale)."""
+    """Best layer = the largest rise of the trait over the unsteered model, among positive coefficients
+    whose mean coherence stays at or above the threshold. A threshold of None means 50% of the unsteered
+    coherence (for judge-free fluency, which has no absolute scale).
+
+    The rise counts two independent readings when the cells carry both: the judge's mean trait score and
+    the judge-free measure (likelihood of trait-positive vs -negative reference answers), each in units of
+    its own spread over the grid, summed. A layer where only one of them moves (e.g. the judge rewards
+    surface cues the references do not share) then loses to one where both move."""
     base = next((c for c in cells if c["coef"] == 0), None)
     if base is None or base.get("trait_mean") is None:
         raise PersonavecError("the sweep needs coefficient 0 in --coefs to measure trait change")
@@ -42,6 +57,8 @@ def choose(cells: Sequence[dict[str, Any]], coherence_min: float | None) -> dict
     threshold = coherence_min
     if threshold is None:
         threshold = 0.5 * base_coherence if base_coherence is not None else -math.inf
+    unit_t = _spread([c.get("trait_mean") for c in cells]) or 1.0
+    unit_j = _spread([c.get("judge_free_mean") for c in cells]) if base.get("judge_free_mean") is not None else None
     best: dict[str, Any] | None = None
     for c in cells:
         if c["coef"] <= 0 or c.get("trait_mean") is None:
@@ -50,13 +67,22 @@ def choose(cells: Sequence[dict[str, Any]], coherence_min: float | None) -> dict
         if coh is not None and coh < threshold:
             continue
         change = c["trait_mean"] - base["trait_mean"]
-        if best is None or change > best["trait_change"]:
-            best = {"best_layer": c["layer"], "best_coef": c["coef"], "trait_change": change}
+        score = change / unit_t
+        jf_change = None
+        if unit_j is not None and c.get("judge_free_mean") is not None:
+            jf_change = c["judge_free_mean"] - base["judge_free_mean"]
+            score += jf_change / unit_j
+        if best is None or score > best["score"]:
+            best = {"best_layer": c["layer"], "best_coef": c["coef"], "trait_change": change,
+                    "judge_free_change": jf_change, "score": score}
     if best is None:
         raise PersonavecError(f"no positive coefficient kept coherence ≥ {threshold:.3g}; try smaller --coefs")
+    both = unit_j is not None
     return {**best, "coherence_threshold": threshold,
-            "criterion": "largest rise in mean trait score over coefficient 0 among positive coefficients "
-                         "whose mean coherence stays at or above the threshold"}
+            "criterion": "largest rise over coefficient 0 of the mean trait score"
+                         + (" plus the judge-free measure, each in units of its spread over the grid," if both
+                            else "") + " among positive coefficients whose mean coherence stays at or above "
+                         "the threshold"}
 
 
 def sweep(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, *,
