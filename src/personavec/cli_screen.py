@@ -63,8 +63,12 @@ def screen_cmd(
 ) -> None:
     """Screen training data: projection difference ΔP per sample and per dataset, flags and a filtered copy."""
     from .screen import screen
+    from .screening.source import precheck
     from .vectors import PersonaVector
 
+    precheck(data)
+    if calibrate is not None:
+        precheck(calibrate)
     vecs = [PersonaVector.load(v) for v in vector]
     thr = _parse_thresholds(threshold)
     m = _load(model, device, dtype, layers_path)

@@ -50,11 +50,19 @@ class Source:
     chunks: list[ChunkRef] = field(repr=False)
 
 
-def open_source(path: str | os.PathLike[str], chunk_size: int = 256) -> Source:
-    """Plan `path` into chunks in one streaming pass; an empty or unreadable file is a DatasetError."""
+def precheck(path: str | os.PathLike[str]) -> Path:
+    """Fail at once, before any model is loaded, on a missing or zero-byte dataset."""
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"dataset '{p}' does not exist; pass a JSONL or Parquet file of conversations")
+    if p.stat().st_size == 0:
+        raise DatasetError(f"dataset '{p}' is empty: no rows to screen")
+    return p
+
+
+def open_source(path: str | os.PathLike[str], chunk_size: int = 256) -> Source:
+    """Plan `path` into chunks in one streaming pass; an empty or unreadable file is a DatasetError."""
+    p = precheck(path)
     if chunk_size < 1:
         raise DatasetError(f"chunk size must be at least 1, got {chunk_size}")
     fmt = format_of(p)
