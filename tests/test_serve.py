@@ -62,11 +62,13 @@ def running(app: Any) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def vectors(evil_run: tuple[pv.PersonaVector, Path]) -> dict[str, pv.PersonaVector]:
-    """The session's evil vector as is (no calibration) and a copy calibrated by hand at another layer
-    with a threshold every reading crosses."""
+    """The session's evil vector as is (no calibration), a copy calibrated by hand at another layer with a
+    prompt threshold every reading crosses, and one whose only crossable threshold is the response one
+    (the keys `monitor-eval` writes)."""
     vec, _ = evil_run
-    calibrated = vec.with_meta(monitor={"layer": 10, "threshold": -1e6})
-    return {"evil": vec, "evil_calibrated": calibrated}
+    return {"evil": vec, "evil_calibrated": vec.with_meta(monitor={"layer": 10, "threshold": -1e6}),
+            "evil_response": vec.with_meta(monitor={"threshold": 1e6, "response_threshold": -1e6}),
+            "evil_high": vec.with_meta(monitor={"threshold": 1e6})}
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +112,16 @@ def test_plain_completion_is_monitored(server: dict[str, Any], model: pv.Model,
     assert 0 < r.usage.completion_tokens <= 12
     assert r.usage.prompt_tokens == len(model.encode_chat(PLAIN))
     persona = r.model_extra["persona"]
-    assert set(persona) == {"evil", "evil_calibrated"}
+    assert set(persona) == {"evil", "evil_calibrated", "evil_response", "evil_high"}
     for reading in persona.values():
         assert math.isfinite(reading["prompt_projection"]) and math.isfinite(reading["response_projection"])
     assert persona["evil"]["flagged"] is None and persona["evil"]["threshold"] is None  # not calibrated
     assert persona["evil_calibrated"]["flagged"] is True and persona["evil_calibrated"]["layer"] == 10
+    assert persona["evil_response"]["flagged"] is True and persona["evil_response"]["threshold"] == 1e6
+    assert persona["evil_high"]["flagged"] is False
     # the same readings computed directly with the projection API (cache-free forwards, no server)
     prompt_ids = model.encode_chat(PLAIN)
-    layers = {"evil_calibrated": 10}
+    layers = {name: reading["layer"] for name, reading in persona.items()}
     before = project(model, [Sample(prompt_ids, [])], vectors, layers=layers, positions=("last_prompt",))
     response_ids = model.tokenizer.encode(text, add_special_tokens=False)
     after = project(model, [Sample(prompt_ids, response_ids)], vectors, layers=layers, positions=("response",))
@@ -260,7 +264,7 @@ def test_log_has_readings_but_no_text(server: dict[str, Any], model: pv.Model) -
     assert rows and all({"id", "time", "usage", "persona", "steer", "finish_reason", "flagged"} <= set(r)
                         for r in rows)
     assert MARKER not in text and "messages" not in rows[0] and "completion" not in rows[0]
-    assert any(r["steer"] for r in rows) and any(r["flagged"] == ["evil_calibrated"] for r in rows)
+    assert any(r["steer"] for r in rows) and any(r["flagged"] == ["evil_calibrated", "evil_response"] for r in rows)
 
 
 def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(model: pv.Model, tmp_path: Path,

@@ -163,8 +163,9 @@ def create_app(model: Model, vectors: Mapping[str, PersonaVector] | Sequence[Per
 
     def model_card() -> dict[str, Any]:
         readings = {} if engine.monitor is None else {
-            name: {"layer": engine.monitor.dirs[name][0], "threshold": engine.monitor.thresholds[name],
-                   "steer_layer": vec.layer} for name, vec in named.items()}
+            name: {"layer": engine.monitor.dirs[name][0], "threshold": engine.monitor.thresholds[name][0],
+                   "response_threshold": engine.monitor.thresholds[name][1], "steer_layer": vec.layer}
+            for name, vec in named.items()}
         return {"id": served, "object": "model", "created": started, "owned_by": "personavec",
                 "persona_vectors": readings}
 
