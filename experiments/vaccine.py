@@ -32,6 +32,7 @@ import platform
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,12 @@ def run(args: argparse.Namespace) -> None:
         if name in done:
             return
         t = time.time()
-        row = {"name": name, "kind": kind, "coef": coef, **fn(), "seconds": round(time.time() - t, 1)}
+        try:
+            row = {"name": name, "kind": kind, "coef": coef, **fn(), "seconds": round(time.time() - t, 1)}
+        except Exception:  # keep measuring the other conditions; the traceback goes to the log
+            traceback.print_exc()
+            print(f"{name}: FAILED after {time.time() - t:.0f} s", flush=True)
+            return
         append_jsonl(results, [row])
         done.add(name)
         print(f"{name:>16}: shift {row['shift']:+.3f}  judge-free {row['judge_free']:+.3f}  "
@@ -321,6 +327,8 @@ def plot(rows: list[dict[str, Any]], s: dict[str, Any], out: Path) -> None:
                     ax.axhline(by[ref][key], linestyle=style[1:], color=style[0], label=ref)
             if kind == "penalty" and pts and min(r["coef"] for r in pts) > 0:
                 ax.set_xscale("log")
+            if key == "perplexity" and kind == "inference":
+                ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             if row == 0 and col == 0:
