@@ -2,6 +2,7 @@
 the single process.
 
     python benchmarks/screen_speed.py --out benchmarks/results/screen_speed [--budget-s 600] [--threads 1]
+        [--plan fast:22,full:22,fast:1] [--sizes 1000,10000,100000] [--no-ray]
 
 Data: synthetic short conversations (a numbered question, a 4-10 word answer; ~45 tokens per sample with the
 chat template), written once to a temporary folder. Every measurement runs `personavec.screen.screen` end
@@ -67,7 +68,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = pv.load_model(device=args.device)
+    model = pv.load_model(args.model, device=args.device)
     vec = pv.load_vector(args.vector)
     data = Path(args.data)
     work = Path(tempfile.mkdtemp(prefix="screen-bench-"))
@@ -90,12 +91,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"mode": args.mode, "n": args.n, "layer": args.layer, "baseline_n": len(samples),
                               "baseline_samples_per_s": baseline, "device": str(model.device),
                               "threads": torch.get_num_threads()}
-    common = {"fast": fast, "max_new_tokens": args.max_new_tokens, "layer": args.layer,
+    common = {"allow_mismatch": args.allow_mismatch, "fast": fast, "max_new_tokens": args.max_new_tokens, "layer": args.layer,
               "batch_size": args.batch_size, "chunk_size": args.chunk_size}
     rss_before = peak_rss_mb()
     t = time.perf_counter()
     single = screen(model, data, [vec], work / "single.csv", cache=work / "cache.sqlite", **common)
     secs = time.perf_counter() - t
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result.update(seconds=secs, samples_per_s=args.n / secs, ratio_vs_baseline=args.n / secs / baseline,
                   peak_rss_mb=peak_rss_mb(), peak_rss_mb_before_screen=rss_before,
                   scored=single.summary["scored"], rejected=single.summary["rejected"])
@@ -131,6 +134,11 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=600.0, help="stop starting measurements after this")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch default)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    ap.add_argument("--allow-mismatch", action="store_true", help="use the vector on other weights (speed only)")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray comparison (no Ray installed)")
+    ap.add_argument("--plan", default="fast:22,full:22,fast:1", help="MODE:LAYER measurements, comma-separated")
+    ap.add_argument("--sizes", default="1000,10000,100000", help="dataset sizes per MODE:LAYER")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -149,12 +157,13 @@ def main() -> None:
         return
     base = [sys.executable, __file__, "--vector", args.vector, "--threads", str(args.threads), "--batch-size",
             str(args.batch_size), "--chunk-size", str(args.chunk_size), "--max-new-tokens", str(args.max_new_tokens),
-            "--baseline-n", str(args.baseline_n)] + (["--device", args.device] if args.device else [])
+            "--baseline-n", str(args.baseline_n)] + (["--device", args.device] if args.device else []) \
+        + (["--model", args.model] if args.model else []) + (["--allow-mismatch"] if args.allow_mismatch else [])
     tmp = Path(tempfile.mkdtemp(prefix="screen-bench-data-"))
     start = time.time()
     results: list[dict[str, Any]] = []
-    plan = [("fast", 22, [1000, 10000, 100000]), ("full", 22, [1000, 10000, 100000]),
-            ("fast", 1, [1000, 10000, 100000])]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    plan = [(item.split(":")[0], int(item.split(":")[1]), sizes) for item in args.plan.split(",")]
     for mode, layer, sizes in plan:
         rate = None
         for n in sizes:
@@ -176,13 +185,15 @@ def main() -> None:
                 rate = r["samples_per_s"]
                 print(f"{mode:4} layer {layer:2} n={n:>6}: {r['samples_per_s']:8.1f} samples/s "
                       f"({r['seconds']:.1f}s), raw-library baseline {r['baseline_samples_per_s']:.1f}/s -> ratio "
-                      f"{r['ratio_vs_baseline']:.2f}; peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                      f"{r['ratio_vs_baseline']:.2f}; peak RSS {r['peak_rss_mb']:.0f} MB"
+                      + (f", peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""), flush=True)
             results.append(r)
     left = args.budget_s - (time.time() - start)
     data = tmp / f"data{args.ray_n}.jsonl"
     if not data.exists():
         write_data(data, args.ray_n)
-    ray_result = run_child(base, "fast", args.ray_n, data, 22, True, timeout=max(120.0, left + 900))
+    ray_result = {"skipped": "--no-ray"} if args.no_ray else run_child(base, "fast", args.ray_n, data, 22, True,
+                                                                       timeout=max(120.0, left + 900))
     if "ray" in ray_result:
         rr = ray_result["ray"]
         print(f"ray local (2 actors x 1 CPU) fast n={args.ray_n}: {rr['samples_per_s']:.1f} samples/s "
@@ -193,7 +204,7 @@ def main() -> None:
     else:
         print(f"ray: {ray_result}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"command": " ".join(sys.argv), "load_average_at_end": os.getloadavg(), "cpus": os.cpu_count(),
+    report = {"command": " ".join(sys.argv), "device": results[0].get("device") if results else None, "load_average_at_end": os.getloadavg(), "cpus": os.cpu_count(),
               "settings": {k: v for k, v in vars(args).items() if k in ("threads", "batch_size", "chunk_size",
                                                                          "max_new_tokens", "baseline_n", "budget_s")},
               "results": results, "ray": ray_result}
