@@ -68,7 +68,14 @@ def main() -> None:
     ap.add_argument("--coef", type=float, default=8.0)
     ap.add_argument("--timeout", type=float, default=600.0, help="Per-request client timeout (s).")
     ap.add_argument("--out", default="benchmarks/results/serve_load")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's); 1 on an oversubscribed shared CPU")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def note(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     model = pv.load_model()
     vec = pv.load_vector(args.vector)
@@ -94,10 +101,10 @@ def main() -> None:
             lat.append(time.perf_counter() - t)
         return texts, summary(lat, time.perf_counter() - t0)
 
-    # in a worker thread, as the server runs it: on an oversubscribed CPU, torch in the main thread was
-    # several times slower than in a worker thread (measured 11-47 s vs 2-2.7 s per request)
+    # in a worker thread, as the server runs it
     with ThreadPoolExecutor(1) as one:
         alone, direct = one.submit(run_alone).result()
+    note(f"without server: {direct}")
 
     settings = ServeSettings(max_queue=args.clients, max_tokens_limit=args.max_tokens)
     with running(create_app(model, {name: vec}, settings)) as url:
@@ -118,6 +125,7 @@ def main() -> None:
         t0 = time.perf_counter()
         seq = [ask(q, s) for q, s in requests]
         sequential = summary([x[1] for x in seq], time.perf_counter() - t0)
+        note(f"server, sequential: {sequential}")
         # (c) all clients at once
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
