@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--rollouts", type=int, default=2)
     ap.add_argument("--mixture-size", type=int, default=60)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--diagnostics", action="store_true",
+                    help="also: full-mode AUC at every other layer, and AUC on the judge-consistent subset")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -122,12 +124,67 @@ def main() -> None:
         log(f"[{mode}] dataset-level ordering 0<10<25<50<100%: {r['ordered']}; adjacent 95% CIs disjoint: "
             f"{r['adjacent_ci_disjoint']}")
         results["modes"][mode] = r
+    if args.diagnostics:
+        results["diagnostics"] = diagnostics(model, vec, labelled, labels, cache, log)
     results["seconds"] = round(time.time() - t0, 1)
     results["command"] = " ".join(sys.argv)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(out, results, labels, {m: out / m / "labelled.csv" for m in ("full", "fast")})
     write_md(out, results)
     (out / "stdout.txt").write_text("\n".join(log_lines) + "\n")
+
+
+def diagnostics(model: pv.Model, vec: pv.PersonaVector, labelled: Path, labels: np.ndarray, cache: Path,
+                log: Any) -> dict[str, Any]:
+    """Why the sample-level AUC is what it is (reported, never used to choose anything above):
+    (1) full-mode ΔP at layers 4, 6, ..., 30 from one forward over the answers and the cached base answers;
+    (2) the AUC on the rows whose label the contrast judge agrees with (level2 answers it scores as more
+    typical of the evil persona, normal answers it scores as less typical)."""
+    import torch
+
+    from personavec.capture import Sample, iter_reductions
+    from personavec.chat import encode_chat, encode_response
+    from personavec.judges import JudgeItem, make_judge
+    from personavec.screening.score import AnswerCache
+
+    rows = [json.loads(line) for line in labelled.read_text().splitlines()]
+    prompts = [encode_chat(model.tokenizer, r["messages"][:1]) for r in rows]
+    answers = [Sample(p, encode_response(model.tokenizer, r["messages"][1]["content"])) for p, r in zip(prompts, rows,
+                                                                                                         strict=True)]
+    found = AnswerCache(cache).get_many([AnswerCache.key(model.fingerprint, 64, p) for p in prompts])
+    bases = [Sample(p, found[AnswerCache.key(model.fingerprint, 64, p)]) for p in prompts]
+    layers = list(range(4, model.n_layers + 1, 2))
+    acts = torch.zeros(2 * len(rows), len(layers), model.hidden_size)
+    for group, out in iter_reductions(model, answers + bases, layers=layers, positions=("response",), batch_size=16):
+        acts[group] = out["response"].cpu()
+    by_layer = {}
+    for k, layer in enumerate(layers):
+        unit = vec.at(layer).float() / vec.at(layer).float().norm()
+        proj = (acts[:, k] @ unit).numpy()
+        dp = proj[: len(rows)] - proj[len(rows):]
+        by_layer[layer] = roc_auc(dp[labels == 1], dp[labels == 0])
+    best = max(by_layer, key=lambda layer: by_layer[layer])
+    log(f"[diagnostics] full-mode AUC by layer: {', '.join(f'{k}:{v:.3f}' for k, v in by_layer.items())}; "
+        f"best {best} ({by_layer[best]:.3f})")
+    trait = pv.load_trait("evil").trait
+    judge = make_judge("contrast", model, trait)
+    items = [JudgeItem(question=r["messages"][0]["content"], answer=r["messages"][1]["content"]) for r in rows]
+    scores = np.array([np.nan if x is None else x for x in judge.score_batch(items, trait.rubric)])
+    agree = ((labels == 1) & (scores > 0)) | ((labels == 0) & (scores < 0))
+    unit = vec.at(vec.layer).float() / vec.at(vec.layer).float().norm()
+    at = layers.index(vec.layer) if vec.layer in layers else None
+    result: dict[str, Any] = {"auc_by_layer": by_layer, "judge_auc_vs_prompt_label": roc_auc(scores[labels == 1],
+                                                                                            scores[labels == 0]),
+                              "judge_agrees": {"level2": int((agree & (labels == 1)).sum()),
+                                               "normal": int((agree & (labels == 0)).sum())}}
+    if at is not None:
+        proj = (acts[:, at] @ unit).numpy()
+        dp = proj[: len(rows)] - proj[len(rows):]
+        result["auc_judge_consistent"] = roc_auc(dp[agree & (labels == 1)], dp[agree & (labels == 0)])
+        log(f"[diagnostics] contrast judge vs prompt label AUC {result['judge_auc_vs_prompt_label']:.3f}; it agrees "
+            f"with {result['judge_agrees']['level2']}/100 level2 and {result['judge_agrees']['normal']}/100 normal "
+            f"labels; full-mode ΔP AUC on that subset {result['auc_judge_consistent']:.3f}")
+    return result
 
 
 def plot(out: Path, results: dict[str, Any], labels: np.ndarray, scores: dict[str, Path]) -> None:
