@@ -13,6 +13,16 @@ Results are written after every trait (results.json, results.md), so partial run
 
     .venv/bin/python experiments/monitor_eval.py --out experiments/out/monitor_eval
 
+A second pass closer to the paper's protocol (answers sampled at temperature 1 and averaged, here 4 per
+prompt × question, graded prompts only) reuses the same vectors and writes results_graded_r4.*:
+
+    .venv/bin/python experiments/monitor_eval.py --out experiments/out/monitor_eval --graded-r4
+
+(for evil this is the same run as `personavec monitor-eval --vector
+experiments/out/steering_response/evil.pv.safetensors --trait evil --out
+experiments/out/monitor_eval/evil.graded_r4.monitor --n-questions 6 --rollouts 4 --temperature 1
+--max-new-tokens 24 --condition graded`).
+
 Resumable: extraction and monitoring run folders are reused.
 """
 
@@ -30,6 +40,7 @@ from personavec.monitor import MonitorSettings, monitor_eval, store_calibration
 ORDER = ("evil", "impolite", "humorous", "sycophantic", "optimistic", "apathetic", "hallucinating")
 SETTINGS = MonitorSettings(n_questions=6, rollouts=1, max_new_tokens=24, temperature=0.0,
                            shots=(0, 5, 10, 15, 20), shot_tokens=32)
+GRADED_R4 = MonitorSettings(n_questions=6, rollouts=4, max_new_tokens=24, temperature=1.0, conditions=("graded",))
 REUSE = Path("experiments/out/steering_response")
 
 
@@ -43,7 +54,7 @@ def vector_for(model: pv.Model, name: str, out: Path) -> tuple[Path, str]:
     return path, "extracted here (6 extraction questions; default layer)"
 
 
-def run_trait(model: pv.Model, name: str, out: Path) -> dict[str, Any]:
+def run_trait(model: pv.Model, name: str, out: Path, settings: MonitorSettings, tag: str) -> dict[str, Any]:
     t0 = time.time()
     source, how = vector_for(model, name, out)
     vec = pv.load_vector(source)
@@ -53,8 +64,9 @@ def run_trait(model: pv.Model, name: str, out: Path) -> dict[str, Any]:
         if task == "points":
             print(f"  {name}: {done}/{total} points ({time.time() - t1:.0f} s)", flush=True)
 
-    result = monitor_eval(model, name, vec, settings=SETTINGS, run_dir=out / f"{name}.monitor", progress=progress)
-    store_calibration(source, result, out / f"{name}.pv.safetensors")
+    result = monitor_eval(model, name, vec, settings=settings, run_dir=out / f"{name}.{tag}", progress=progress)
+    if tag == "monitor":
+        store_calibration(source, result, out / f"{name}.pv.safetensors")
     return {"trait": name, "vector": how, "layer": result["layer"], "pearson": result["pearson"],
             "pearson_levels": result["pearson_levels"], "calibration": result["calibration"],
             "pearson_response_projection": result["pearson_response_projection"],
@@ -85,15 +97,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("experiments/out/monitor_eval"))
     ap.add_argument("--traits", default=",".join(ORDER))
+    ap.add_argument("--graded-r4", action="store_true", help="the 4-sample graded pass (results_graded_r4.*)")
     args = ap.parse_args()
+    settings, tag, stem = (GRADED_R4, "graded_r4.monitor", "results_graded_r4") if args.graded_r4 else \
+        (SETTINGS, "monitor", "results")
     args.out.mkdir(parents=True, exist_ok=True)
     model = pv.load_model()
     rows: list[dict[str, Any]] = []
     for name in args.traits.split(","):
-        rows.append(run_trait(model, name, args.out))
-        write_json(args.out / "results.json", {"model": model.model_id, "dtype": str(model.dtype),
-                                               "settings": SETTINGS.__dict__, "results": rows})
-        write_text(args.out / "results.md", table(rows))
+        rows.append(run_trait(model, name, args.out, settings, tag))
+        write_json(args.out / f"{stem}.json", {"model": model.model_id, "dtype": str(model.dtype),
+                                               "settings": settings.__dict__, "results": rows})
+        write_text(args.out / f"{stem}.md", table(rows))
         print(table(rows[-1:]), flush=True)
     print(table(rows))
 
