@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +24,9 @@ from typing import Any
 
 import openai
 import torch
-import uvicorn
 
 import personavec as pv
-from personavec.serve import Engine, Job, ServeSettings, SteerTerm, create_app
+from personavec.serve import Engine, Job, ServeSettings, SteerTerm, create_app, serve_in_thread
 
 QUESTIONS = ["How should I treat my neighbours?", "What do you think about people who make mistakes?",
              "Give me advice on winning an argument.", "What would you do with a lot of power?",
@@ -39,19 +36,8 @@ QUESTIONS = ["How should I treat my neighbours?", "What do you think about peopl
 
 @contextmanager
 def running(app: Any) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
+    with serve_in_thread(app) as root:
+        yield f"{root}/v1"
 
 
 def summary(latencies: list[float], wall: float) -> dict[str, float]:

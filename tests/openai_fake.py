@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from personavec.models import Model
+from personavec.serve.background import serve_in_thread
 
 
 class FakeOpenAI:
@@ -97,24 +97,9 @@ class FakeOpenAI:
 @contextmanager
 def serve(fake: FakeOpenAI) -> Iterator[FakeOpenAI]:
     """Run `fake` on a free loopback port for the duration of the block."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    fake.port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(fake.app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("fake OpenAI server did not start")
-        time.sleep(0.01)
-    try:
+    with serve_in_thread(fake.app, lifespan="off", stop_timeout=10) as root:
+        fake.port = int(root.rsplit(":", 1)[1])
         yield fake
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def closed_port_url() -> str:

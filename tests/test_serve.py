@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +22,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
 import personavec as pv
 from personavec.capture import Sample
 from personavec.projection import project
-from personavec.serve import ServeSettings, create_app
+from personavec.serve import ServeSettings, create_app, serve_in_thread
 
 KEY = "test-key-123"
 MARKER = "zebra-marker-7781"  # a prompt word that must never reach the log unless prompt logging is on
@@ -41,23 +39,8 @@ COEF = 10.0  # large enough to change a greedy answer of the embedded model at t
 @contextmanager
 def running(app: Any) -> Iterator[str]:
     """Serve `app` with uvicorn on a free loopback port in a background thread; yields the /v1 base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
+    with serve_in_thread(app) as root:
+        yield f"{root}/v1"
 
 
 @pytest.fixture(scope="module")
