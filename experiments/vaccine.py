@@ -27,7 +27,6 @@ import copy
 import csv
 import io
 import json
-import math
 import platform
 import shutil
 import sys
@@ -46,6 +45,7 @@ from personavec.evaluate import EvalSettings, judge_free_measure, mean_se, refer
 from personavec.io import append_jsonl, read_jsonl, write_json, write_text
 from personavec.judges import JudgeItem
 from personavec.judges.contrast import ContrastJudge
+from personavec.monitor import pearson
 from personavec.training import Interventions, TrainSettings, attach_adapter, train
 from personavec.training.shift import eval_prompts, last_prompt_means, project
 from personavec.traits import LoadedTrait
@@ -214,17 +214,6 @@ def run(args: argparse.Namespace) -> None:
 
 
 # ---- report -------------------------------------------------------------------------------------------
-
-def pearson(xs: list[float], ys: list[float]) -> float | None:
-    n = len(xs)
-    if n < 3:
-        return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True))
-    sx = math.sqrt(sum((a - mx) ** 2 for a in xs))
-    sy = math.sqrt(sum((b - my) ** 2 for b in ys))
-    return None if sx == 0 or sy == 0 else sxy / (sx * sy)
-
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by = {r["name"]: r for r in rows}
