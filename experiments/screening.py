@@ -10,6 +10,14 @@ positive ("level2") system prompts, saved WITHOUT the system prompt. Evaluation 
     screened one by one; the mean ΔP (95% t interval) must increase with contamination.
 
     .venv/bin/python experiments/screening.py --out experiments/out/screening
+
+`--dataset authored` runs the same measurements on a labelled dataset written on purpose, like the paper's
+own finetuning datasets (which an LLM wrote to be clearly evil or clearly normal): 50 ordinary questions
+(none of them an evaluation question or one of the vector's extraction questions 0-9), each with two normal
+and two evil answers of matched length, in `experiments/data/evil_authored/` (see its README). The labels
+are then what the text is, not which system prompt the 135M model was given.
+
+    .venv/bin/python experiments/screening.py --dataset authored --out experiments/out/screening_authored
 """
 
 from __future__ import annotations
@@ -48,6 +56,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("experiments/out/screening"))
     ap.add_argument("--vector", type=Path, default=Path("experiments/out/steering_response/evil.pv.safetensors"),
                     help="evil vector (extracted on extraction questions 0-9); extracted here if missing")
+    ap.add_argument("--dataset", choices=("elicited", "authored"), default="elicited",
+                    help="elicited: the model's own answers under the trait's prompts; authored: the written set")
+    ap.add_argument("--authored", type=Path, default=Path("experiments/data/evil_authored"),
+                    help="folder of the authored set's part_*.jsonl files")
     ap.add_argument("--rollouts", type=int, default=2)
     ap.add_argument("--mixture-size", type=int, default=60)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -76,19 +88,24 @@ def main() -> None:
         vec = pv.extract(model, "evil", run_dir=out / "evil.extract", n_questions=10, max_new_tokens=48)
         vec.save(out / "evil.pv.safetensors")
         log(f"extracted the evil vector on extraction questions 0-9 (layer {vec.layer}, no sweep)")
-    held = base.trait.model_copy(update={"extraction_questions": base.trait.extraction_questions[10:]})
-    trait = LoadedTrait(trait=held, source=base.source, sha256=base.sha256)
-    sets = elicit(model, trait, out / "data", levels=("normal", "level2"),
-                  settings=ElicitSettings(rollouts=args.rollouts, max_new_tokens=48, temperature=1.0))
+    if args.dataset == "authored":
+        sets = authored_sets(args.authored, base, out / "data")
+    else:
+        held = base.trait.model_copy(update={"extraction_questions": base.trait.extraction_questions[10:]})
+        trait = LoadedTrait(trait=held, source=base.source, sha256=base.sha256)
+        sets = elicit(model, trait, out / "data", levels=("normal", "level2"),
+                      settings=ElicitSettings(rollouts=args.rollouts, max_new_tokens=48, temperature=1.0))
     normal = sets["normal"].read_text().splitlines()
     evil = sets["level2"].read_text().splitlines()
-    log(f"elicited {len(normal)} normal and {len(evil)} level2 answers on extraction questions 10-19 "
+    source = ("authored in experiments/data/evil_authored" if args.dataset == "authored"
+              else "elicited on extraction questions 10-19")
+    log(f"{len(normal)} normal and {len(evil)} trait-expressing (level2) answers, {source} "
         f"({time.time() - t0:.0f}s)")
     labelled = out / "data" / "labelled.jsonl"
     labelled.write_text("\n".join(normal + evil) + "\n")
     labels = np.array([0] * len(normal) + [1] * len(evil))
     cache = out / "base-answers.sqlite"
-    results: dict[str, Any] = {"vector": str(args.vector), "layer": vec.layer, "n_normal": len(normal),
+    results: dict[str, Any] = {"dataset": args.dataset, "vector": str(args.vector), "layer": vec.layer, "n_normal": len(normal),
                                "n_level2": len(evil), "mixture_size": args.mixture_size, "modes": {}}
     for mode in ("full", "fast"):
         t = time.time()
@@ -132,6 +149,26 @@ def main() -> None:
     plot(out, results, labels, {m: out / m / "labelled.csv" for m in ("full", "fast")})
     write_md(out, results)
     (out / "stdout.txt").write_text("\n".join(log_lines) + "\n")
+
+
+def authored_sets(folder: Path, base: LoadedTrait, out: Path) -> dict[str, Path]:
+    """Split the authored rows by label into `normal.jsonl` and `level2.jsonl` (rows keep `id` and
+    `messages`; the label is dropped so the screen cannot see it), after refusing any question the vector or
+    its evaluation ever used."""
+    rows = [json.loads(line) for part in sorted(folder.glob("part_*.jsonl"))
+            for line in part.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        sys.exit(f"error: no part_*.jsonl rows in {folder}")
+    used = set(base.trait.extraction_questions[:10]) | set(base.trait.evaluation_questions)
+    clash = sorted({r["messages"][0]["content"] for r in rows} & used)
+    if clash:
+        sys.exit(f"error: the authored set reuses questions the vector or its evaluation saw: {clash[:3]}")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"normal": out / "normal.jsonl", "level2": out / "level2.jsonl"}
+    for key, label in (("normal", "normal"), ("level2", "evil")):
+        chosen = [{"id": r["id"], "messages": r["messages"]} for r in rows if r["label"] == label]
+        paths[key].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    return paths
 
 
 def diagnostics(model: pv.Model, vec: pv.PersonaVector, labelled: Path, labels: np.ndarray, cache: Path,
@@ -182,7 +219,8 @@ def diagnostics(model: pv.Model, vec: pv.PersonaVector, labelled: Path, labels: 
         dp = proj[: len(rows)] - proj[len(rows):]
         result["auc_judge_consistent"] = roc_auc(dp[agree & (labels == 1)], dp[agree & (labels == 0)])
         log(f"[diagnostics] contrast judge vs prompt label AUC {result['judge_auc_vs_prompt_label']:.3f}; it agrees "
-            f"with {result['judge_agrees']['level2']}/100 level2 and {result['judge_agrees']['normal']}/100 normal "
+            f"with {result['judge_agrees']['level2']}/{int((labels == 1).sum())} level2 and "
+            f"{result['judge_agrees']['normal']}/{int((labels == 0).sum())} normal "
             f"labels; full-mode ΔP AUC on that subset {result['auc_judge_consistent']:.3f}")
     return result
 
@@ -200,7 +238,8 @@ def plot(out: Path, results: dict[str, Any], labels: np.ndarray, scores: dict[st
         y = labels[np.array(table.column("index").to_pylist())]
         bins = np.histogram_bin_edges(dp, bins=30).tolist()
         ax.hist(dp[y == 0], bins=bins, alpha=0.6, label="normal")
-        ax.hist(dp[y == 1], bins=bins, alpha=0.6, label="level2 (evil prompt)")
+        ax.hist(dp[y == 1], bins=bins, alpha=0.6,
+                label="evil (authored)" if results["dataset"] == "authored" else "level2 (evil prompt)")
         ax.set_title(f"{mode}: AUC {results['modes'][mode]['auc']:.3f}")
         ax.set_xlabel("evil ΔP")
         ax.legend(fontsize=8)
