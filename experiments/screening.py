@@ -47,6 +47,21 @@ def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
 
 
+def auc_ci(score: np.ndarray, y: np.ndarray, cluster: np.ndarray, reps: int = 2000,
+           seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the ROC AUC, resampling whole questions (rows that share a question
+    share its base answer and last prompt token, so they are not independent)."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(cluster == c) for c in np.unique(cluster)]
+    stats = []
+    for _ in range(reps):
+        rows = np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))])
+        if 0 < y[rows].sum() < len(rows):
+            stats.append(roc_auc(score[rows][y[rows] == 1], score[rows][y[rows] == 0]))
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def delta_p(path: Path) -> np.ndarray:
     return np.array(pacsv.read_csv(path).column("evil_delta_p").to_pylist())
 
@@ -58,8 +73,8 @@ def main() -> None:
                     help="evil vector (extracted on extraction questions 0-9); extracted here if missing")
     ap.add_argument("--dataset", choices=("elicited", "authored"), default="elicited",
                     help="elicited: the model's own answers under the trait's prompts; authored: the written set")
-    ap.add_argument("--authored", type=Path, default=Path("experiments/data/evil_authored"),
-                    help="folder of the authored set's part_*.jsonl files")
+    ap.add_argument("--authored", type=Path, nargs="+", default=[Path("experiments/data/evil_authored")],
+                    help="folder(s) of an authored set's part_*.jsonl files (several: pooled)")
     ap.add_argument("--rollouts", type=int, default=2)
     ap.add_argument("--mixture-size", type=int, default=60)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -97,13 +112,14 @@ def main() -> None:
                       settings=ElicitSettings(rollouts=args.rollouts, max_new_tokens=48, temperature=1.0))
     normal = sets["normal"].read_text().splitlines()
     evil = sets["level2"].read_text().splitlines()
-    source = ("authored in experiments/data/evil_authored" if args.dataset == "authored"
+    source = (f"authored in {', '.join(map(str, args.authored))}" if args.dataset == "authored"
               else "elicited on extraction questions 10-19")
     log(f"{len(normal)} normal and {len(evil)} trait-expressing (level2) answers, {source} "
         f"({time.time() - t0:.0f}s)")
     labelled = out / "data" / "labelled.jsonl"
     labelled.write_text("\n".join(normal + evil) + "\n")
     labels = np.array([0] * len(normal) + [1] * len(evil))
+    questions = np.array([json.loads(line)["messages"][0]["content"] for line in normal + evil])
     cache = out / "base-answers.sqlite"
     results: dict[str, Any] = {"dataset": args.dataset, "vector": str(args.vector), "layer": vec.layer, "n_normal": len(normal),
                                "n_level2": len(evil), "mixture_size": args.mixture_size, "modes": {}}
@@ -115,10 +131,15 @@ def main() -> None:
         idx = np.array(pacsv.read_csv(res.scores).column("index").to_pylist())
         y = labels[idx]
         auc = roc_auc(dp[y == 1], dp[y == 0])
-        r: dict[str, Any] = {"auc": auc, "rejected": res.summary["rejected"],
+        low, high = auc_ci(dp, y, questions[idx])
+        answer = np.array(pacsv.read_csv(res.scores).column("evil_answer_proj").to_pylist())
+        r: dict[str, Any] = {"auc": auc, "auc_ci": [low, high], "rejected": res.summary["rejected"],
+                             "auc_answer_projection_alone": roc_auc(answer[y == 1], answer[y == 0]),
                              "mean_normal": float(dp[y == 0].mean()), "mean_level2": float(dp[y == 1].mean()),
                              "seconds_labelled": round(time.time() - t, 1), "mixtures": []}
-        log(f"[{mode}] sample-level ROC AUC (level2 vs normal) = {auc:.3f}; mean ΔP normal "
+        log(f"[{mode}] sample-level ROC AUC (level2 vs normal) = {auc:.3f} [95% question bootstrap {low:.3f}, "
+            f"{high:.3f}] (answer projection alone, no reference subtracted: "
+            f"{r['auc_answer_projection_alone']:.3f}); mean ΔP normal "
             f"{r['mean_normal']:.2f}, level2 {r['mean_level2']:.2f}; {res.summary['rejected']} rejected "
             f"({r['seconds_labelled']}s)")
         for frac in CONTAMINATION:
@@ -148,17 +169,19 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(out, results, labels, {m: out / m / "labelled.csv" for m in ("full", "fast")})
     write_md(out, results)
-    (out / "stdout.txt").write_text("\n".join(log_lines) + "\n")
+    with open(out / "stdout.txt", "a", encoding="utf-8") as fh:  # one section per run, oldest first
+        fh.write(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t0))}: {results['command']}\n"
+                 + "\n".join(log_lines) + "\n\n")
 
 
-def authored_sets(folder: Path, base: LoadedTrait, out: Path) -> dict[str, Path]:
+def authored_sets(folders: list[Path], base: LoadedTrait, out: Path) -> dict[str, Path]:
     """Split the authored rows by label into `normal.jsonl` and `level2.jsonl` (rows keep `id` and
     `messages`; the label is dropped so the screen cannot see it), after refusing any question the vector or
     its evaluation ever used."""
-    rows = [json.loads(line) for part in sorted(folder.glob("part_*.jsonl"))
+    rows = [json.loads(line) for folder in folders for part in sorted(folder.glob("part_*.jsonl"))
             for line in part.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
-        sys.exit(f"error: no part_*.jsonl rows in {folder}")
+        sys.exit(f"error: no part_*.jsonl rows in {', '.join(map(str, folders))}")
     used = set(base.trait.extraction_questions[:10]) | set(base.trait.evaluation_questions)
     clash = sorted({r["messages"][0]["content"] for r in rows} & used)
     if clash:
@@ -258,11 +281,12 @@ def plot(out: Path, results: dict[str, Any], labels: np.ndarray, scores: dict[st
 
 
 def write_md(out: Path, results: dict[str, Any]) -> None:
-    lines = ["| mode | sample ROC AUC | mean ΔP 0% | 10% | 25% | 50% | 100% | ordered |",
+    lines = ["| mode | sample ROC AUC [95% CI] | mean ΔP 0% | 10% | 25% | 50% | 100% | ordered |",
              "|---|---|---|---|---|---|---|---|"]
     for mode, r in results["modes"].items():
         cells = [f"{m['mean']:.2f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]" for m in r["mixtures"]]
-        lines.append(f"| {mode} | {r['auc']:.3f} | " + " | ".join(cells) + f" | {r['ordered']} |")
+        lines.append(f"| {mode} | {r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}] | "
+                     + " | ".join(cells) + f" | {r['ordered']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
