@@ -266,3 +266,20 @@ def test_ray_local_matches_single_process(model: pv.Model, vec: pv.PersonaVector
     assert a["evil_delta_p"] == pytest.approx(b["evil_delta_p"], rel=1e-5, abs=1e-4)
     assert a["evil_flagged"] == b["evil_flagged"] and a["evil_rank"] == b["evil_rank"]
     assert res.rejects.read_text() == single["full"].rejects.read_text()
+
+
+def test_ray_address_without_cluster_fails_fast_with_advice(model: pv.Model, vec: pv.PersonaVector,
+                                                            work: Path) -> None:
+    """A typo'd cluster address must be a one-line error in seconds (ray.init alone retries for minutes)."""
+    pytest.importorskip("ray")
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.perf_counter()
+    with pytest.raises(pv.PersonavecError, match=f"no Ray cluster answers at '127.0.0.1:{port}'.*ray start --head"):
+        screen(model, work / "data.jsonl", [vec], work / "ray-nowhere.csv", fast=True, chunk_size=CHUNK,
+               ray=f"127.0.0.1:{port}")
+    assert time.perf_counter() - t < 60

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import PersonavecError
 from .score import AnswerCache, ScoreSettings, score_chunk
 from .source import ChunkRef, Source, read_chunk
 
@@ -55,6 +56,21 @@ class ChunkScorer:
         return {"chunk": np.array(chunks, dtype=np.int64), "record": np.array(records, dtype=object)}
 
 
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not minutes, when a plain HOST:PORT address has nothing listening (ray.init keeps
+    retrying the connection for a long time)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PersonavecError(f"no Ray cluster answers at '{address}' ({exc.strerror or exc}); start its head with "
+                              "`ray start --head` or check the address") from exc
+
+
 def score_on_ray(source: Source, todo: list[ChunkRef], *, address: str, workers: int, cpus_per_worker: float,
                  gpus_per_worker: float, model_spec: str, dtype: str, layers_path: str | None, fingerprint: str,
                  vectors: Mapping[str, PersonaVector], settings: ScoreSettings,
@@ -75,7 +91,15 @@ def score_on_ray(source: Source, todo: list[ChunkRef], *, address: str, workers:
                      num_gpus=math.ceil(workers * gpus_per_worker) if gpus_per_worker else None,
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
         else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            _probe(address)
+            try:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, RuntimeError) as exc:
+                reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+                raise PersonavecError(
+                    f"cannot join the Ray cluster at '{address}' ({reason}); check the address (on a cluster node, "
+                    "--ray auto joins the local cluster) and, if the cluster uses token authentication, set "
+                    "RAY_AUTH_MODE=token with its token in RAY_AUTH_TOKEN or ~/.ray/auth_token") from exc
         started = True
     try:
         ctx = ray.data.DataContext.get_current()
