@@ -4,9 +4,10 @@ the CLI exactly as a user would, compared with the single-process CLI run on the
 
     python benchmarks/screen_ray_cluster.py --out benchmarks/results/screen_ray_cluster [--n 500] [--fast]
 
-Ray's token authentication is on (RAY_AUTH_MODE=token for the head and the client). The cluster's temp folder is private and the head is stopped at the end (`ray stop`, which stops every Ray
-process of this user on this machine: do not run it beside other Ray work). Prints wall times, the ratio and
-the largest |ΔP| difference; writes OUT.json.
+Ray's token authentication is on (RAY_AUTH_MODE=token for the head and the client). The cluster's temp
+folder is private and the head is stopped at the end (`ray stop`, which stops every Ray process of this user
+on this machine: do not run it beside other Ray work). Prints wall times, the ratio and the largest |ΔP|
+difference; writes OUT.json.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> None:
     single_s = screen(data, work / "single.csv", args)
     port = free_port()
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    # Ray >= 2.5x clusters use token authentication; a client joining by address must say so.
+    # The `ray start` head of Ray 2.60 here enables token authentication; a client joining by address must say so.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", str(temp),
