@@ -62,8 +62,10 @@ def auc_ci(score: np.ndarray, y: np.ndarray, cluster: np.ndarray, reps: int = 20
     return float(low), float(high)
 
 
-def delta_p(path: Path) -> np.ndarray:
-    return np.array(pacsv.read_csv(path).column("evil_delta_p").to_pylist())
+def read_columns(path: Path, *names: str) -> list[np.ndarray]:
+    """Columns of a scores file, read once."""
+    table = pacsv.read_csv(path)
+    return [np.array(table.column(name).to_pylist()) for name in names]
 
 
 def main() -> None:
@@ -127,12 +129,10 @@ def main() -> None:
         t = time.time()
         res = screen(model, labelled, [vec], out / mode / "labelled.csv", fast=mode == "fast", cache=cache,
                      max_new_tokens=64)
-        dp = delta_p(res.scores)
-        idx = np.array(pacsv.read_csv(res.scores).column("index").to_pylist())
+        dp, idx, answer = read_columns(res.scores, "evil_delta_p", "index", "evil_answer_proj")
         y = labels[idx]
         auc = roc_auc(dp[y == 1], dp[y == 0])
         low, high = auc_ci(dp, y, questions[idx])
-        answer = np.array(pacsv.read_csv(res.scores).column("evil_answer_proj").to_pylist())
         r: dict[str, Any] = {"auc": auc, "auc_ci": [low, high], "rejected": res.summary["rejected"],
                              "auc_answer_projection_alone": roc_auc(answer[y == 1], answer[y == 0]),
                              "mean_normal": float(dp[y == 0].mean()), "mean_level2": float(dp[y == 1].mean()),
@@ -256,9 +256,8 @@ def plot(out: Path, results: dict[str, Any], labels: np.ndarray, scores: dict[st
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, mode in zip(axes[:2], ("full", "fast"), strict=True):
-        table = pacsv.read_csv(scores[mode])
-        dp = np.array(table.column("evil_delta_p").to_pylist())
-        y = labels[np.array(table.column("index").to_pylist())]
+        dp, idx = read_columns(scores[mode], "evil_delta_p", "index")
+        y = labels[idx]
         bins = np.histogram_bin_edges(dp, bins=30).tolist()
         ax.hist(dp[y == 0], bins=bins, alpha=0.6, label="normal")
         ax.hist(dp[y == 1], bins=bins, alpha=0.6,
