@@ -13,15 +13,18 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .capture import Sample, capture_means, iter_reductions
+from .controls import matched_norm, random_like
 from .errors import PersonavecError
 from .extract import ExtractSettings, extract
 from .generation import generate
 from .judges import JudgeItem, make_judge
 from .models import Model, load_model
+from .reference import ReferenceResult, reference_measure
 from .steering import ablate, intervene, steer
 from .traits import Trait, builtin_traits, load_trait
 from .vectors import PersonaVector, load_vector
 
-__all__ = ["ExtractSettings", "JudgeItem", "Model", "PersonaVector", "PersonavecError", "Sample", "Trait",
-           "__version__", "ablate", "builtin_traits", "capture_means", "extract", "generate", "intervene",
-           "iter_reductions", "load_model", "load_trait", "load_vector", "make_judge", "steer"]
+__all__ = ["ExtractSettings", "JudgeItem", "Model", "PersonaVector", "PersonavecError", "ReferenceResult", "Sample",
+           "Trait", "__version__", "ablate", "builtin_traits", "capture_means", "extract", "generate", "intervene",
+           "iter_reductions", "load_model", "load_trait", "load_vector", "make_judge", "matched_norm", "random_like",
+           "reference_measure", "steer"]

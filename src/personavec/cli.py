@@ -39,6 +39,14 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (def
 DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bf16 where fast).")]
 LayersPathOpt = Annotated[str | None, typer.Option("--layers-path", help="Dotted path of the decoder blocks, "
                                                    "for architectures discovery does not know.")]
+JudgeOpt = Annotated[str, typer.Option(help="Trait measure: auto (reference when the trait has authored "
+                                       "references, else contrast) | reference | contrast | local | "
+                                       "local:MODEL | openai:MODEL[@URL]")]
+ControlOpt = Annotated[list[str] | None, typer.Option(help="Control direction run at the same layers and "
+                                                      "coefficients, at the vector's per-layer norm: 'random' "
+                                                      "(or random:SEED) or another vector file; repeatable.")]
+HalfOpt = Annotated[str, typer.Option(help="Evaluation questions: all | first | second half (choose settings "
+                                      "on one half, report on the other).")]
 
 
 @contextmanager
@@ -181,7 +189,9 @@ def eval_cmd(
     layer: Annotated[int | None, typer.Option(help="Layer L (output of block L); default: the vector's chosen layer.")] = None,
     coef: Annotated[list[str] | None, typer.Option(help="Coefficients, e.g. -2,0,2 (default 0).")] = None,
     positions: Annotated[str, typer.Option(help="all | prompt | response")] = "response",
-    judge: Annotated[str, typer.Option(help="contrast | local | local:MODEL | openai:MODEL[@URL]")] = "contrast",
+    judge: JudgeOpt = "auto",
+    control: ControlOpt = None,
+    half: HalfOpt = "all",
     n_questions: Annotated[int | None, typer.Option(help="Evaluation questions to answer.")] = 10,
     rollouts: int = 1, max_new_tokens: int = 48,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0, seed: int = 0,
@@ -202,19 +212,32 @@ def eval_cmd(
         raise PersonavecError("--coef needs --vector")
     chosen = layer if layer is not None else (vec.layer if vec else None)
     settings = EvalSettings(n_questions=n_questions, rollouts=rollouts, max_new_tokens=max_new_tokens,
-                            temperature=temperature, seed=seed, positions=positions, capability=capability)
+                            temperature=temperature, seed=seed, positions=positions, capability=capability,
+                            half=half)
     settings.validate()
+    controls = _controls(control, vec, seed)
     m = _load(model, device, dtype, layers_path)
     with progress_bars() as cb:
         cells = evaluate(m, loaded, vector=vec, conditions=[Condition(chosen, c) for c in coefs], judge=judge,
                          settings=settings, run_dir=out_dir, allow_mismatch=allow_model_mismatch, progress=cb,
-                         extra_settings={"vector": str(vector or "")})
+                         controls=controls, extra_settings={"vector": str(vector or ""),
+                                                            "control_specs": list(control or [])})
     _print_cells(cells)
     out.print(f"results in {out_dir}/cells.csv and answers.jsonl")
 
 
+def _controls(specs: list[str] | None, vec: Any, seed: int) -> dict[str, Any]:
+    from .controls import make_controls
+
+    if specs and vec is None:
+        raise PersonavecError("--control needs --vector (a control is matched to the vector's norm)")
+    return make_controls(specs, vec, seed) if specs else {}
+
+
 def _print_cells(cells: list[dict[str, Any]]) -> None:
-    table = Table("layer", "coef", "n", "trait", "coherence", "judge-free", "perplexity", "quiz")
+    measure = next((str(c["measure"]) for c in cells if c.get("measure")), "trait")
+    table = Table("vector", "layer", "coef", "n", f"trait ({measure})", "coherence", "judge-free (prompted)",
+                  "perplexity", "quiz")
 
     def f(v: Any, se: Any = None) -> str:
         if v is None:
@@ -222,7 +245,8 @@ def _print_cells(cells: list[dict[str, Any]]) -> None:
         return f"{v:.3g}" + (f" ± {se:.2g}" if se is not None else "")
 
     for c in cells:
-        table.add_row(str(c["layer"] if c["coef"] != 0 else "–"), f"{c['coef']:+g}", str(c["n"]),
+        table.add_row(str(c.get("control") or "trait"), str(c["layer"] if c["coef"] != 0 else "–"),
+                      f"{c['coef']:+g}", str(int(c["n"] or 0)),
                       f(c["trait_mean"], c["trait_se"]), f(c["coherence_mean"], c["coherence_se"]),
                       f(c["judge_free_mean"], c["judge_free_se"]), f(c.get("perplexity")), f(c.get("quiz_accuracy")))
     out.print(table)
@@ -235,7 +259,9 @@ def sweep_cmd(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder (rerun to resume).")],
     layers: Annotated[list[str] | None, typer.Option(help="Layers, e.g. 9,14,18,22 (default: 4 sized to depth).")] = None,
     coefs: Annotated[list[str] | None, typer.Option(help="Coefficients, e.g. -6,-3,0,3,6.")] = None,
-    judge: Annotated[str, typer.Option(help="contrast | local | local:MODEL | openai:MODEL[@URL]")] = "contrast",
+    judge: JudgeOpt = "auto",
+    control: ControlOpt = None,
+    half: HalfOpt = "first",
     coherence_min: Annotated[float | None, typer.Option(help="Coherence floor (default: 50% of the unsteered coherence).")] = None,
     n_questions: Annotated[int | None, typer.Option(help="Evaluation questions per cell.")] = 8,
     max_new_tokens: int = 40, seed: int = 0,
@@ -261,16 +287,19 @@ def sweep_cmd(
     for c in coef_list or []:
         check_coef(c)
     m = _load(model, device, dtype, layers_path)
-    settings = EvalSettings(n_questions=n_questions, max_new_tokens=max_new_tokens, seed=seed, capability=capability)
+    settings = EvalSettings(n_questions=n_questions, max_new_tokens=max_new_tokens, seed=seed, capability=capability,
+                            half=half)
+    settings.validate()
+    controls = _controls(control, vec, seed)
     with progress_bars() as cb:
         choice = sweep(m, loaded, vec, layers=layer_list, coefs=coef_list, judge=judge, settings=settings,
                        run_dir=out_dir, coherence_min=coherence_min, vector_path=None if no_update else vector,
-                       allow_mismatch=allow_model_mismatch, progress=cb)
+                       allow_mismatch=allow_model_mismatch, controls=controls, progress=cb)
     from .report import read_cells
 
     _print_cells([dict(c) for c in read_cells(out_dir / "cells.csv")[1]])
-    out.print(f"best layer {choice['best_layer']} (coef {choice['best_coef']:+g}, trait change "
-              f"{choice['trait_change']:+.3g}); " + ("" if no_update else f"written into {vector}; ")
+    out.print(f"best layer {choice['best_layer']} (coef {choice['best_coef']:+g}, {choice['measure']} change "
+              f"{choice['trait_change']:+.3g}, {settings.half} half of the evaluation questions); " + ("" if no_update else f"written into {vector}; ")
               + f"run folder {out_dir}")
 
 

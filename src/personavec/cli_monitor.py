@@ -73,8 +73,13 @@ def _f(v: Any) -> str:
 def _print(result: dict[str, Any]) -> None:
     table = Table("measure", "points", "all", "graded", "many-shot",
                   title=f"Pearson r with the last-prompt-token projection ({result['trait']}, layer {result['layer']})")
-    for measure, label in (("trait_score", f"trait score ({result['judge']})"), ("judge_free", "judge-free")):
-        for kind, rs in (("prompt × question", result["pearson"][measure]), ("level means", result["pearson_levels"][measure])):
+    for measure, label in (("reference", "reference (authored answers)"),
+                           ("trait_score", f"trait score ({result['judge']})"), ("judge_free", "judge-free (prompted)")):
+        if all(v is None for v in result["pearson"][measure].values()):
+            continue
+        for kind, rs in (("prompt × question", result["pearson"][measure]),
+                         ("level means", result["pearson_levels"][measure]),
+                         ("within levels", result["pearson_within_levels"][measure])):
             table.add_row(label, kind, _f(rs.get("overall")), _f(rs.get("graded")), _f(rs.get("many_shot")))
     out.print(table)
     cal = result["calibration"]["prompt"]

@@ -1,22 +1,32 @@
 """Trait evaluation of a (possibly steered) model on a trait's held-out evaluation questions.
 
-Per condition (layer, coefficient) the model answers the evaluation questions; the answers are scored
-by the judge with the model UNSTEERED (a judge must not be steered); and a judge-free measure is always
-computed: the steered model's per-token log-likelihood of held-out trait-positive minus trait-negative
-reference answers (produced once per run under the trait's positive and negative system prompts and
-stored in the run folder). Judges without a coherence score get a judge-free fluency proxy instead.
+Per condition (layer, coefficient, and which vector: the trait's own or a control) the model answers the
+evaluation questions and its trait level is measured. The measure (`measure` in every cell and manifest):
 
-Run folder (identified by model, trait, judge, vector and settings, not by the list of conditions, so a
-grid can be extended and only the new cells are computed): manifest.json, reference.jsonl, answers.jsonl (one row per answer), judge_free.jsonl (one
-row per condition and question), cells.jsonl + cells.csv (one summary row per condition). Finished
-conditions are never recomputed."""
+- `reference` (the default when the trait file has authored references): the steered model's per-token
+  log-likelihood of the authored trait-expressing minus non-trait answers, per question (see
+  `personavec.reference`). Independent of the prompt pairs that built the vector.
+- a judge (`contrast`, `local`, `openai:…`): the judge scores each generated answer with the model
+  UNSTEERED. `contrast` is built from the trait's own prompt pairs, so it says how "prompt-like" an answer is
+  and cannot test the vector on its own; with a judge, a `prompted` judge-free measure is also computed
+  (likelihood of answers the model wrote under the trait's positive / negative prompts, stored in the run).
+Judges without a coherence score get a judge-free fluency proxy instead.
+
+Controls (`controls`: a seeded random direction and other traits' vectors, each at the trait vector's
+per-layer norm) run the same steered conditions; their cells carry `control` = the control's name.
+
+Run folder (identified by model, trait, measure, vector and settings, not by the list of conditions, so a
+grid can be extended and only the new cells are computed): manifest.json, reference.jsonl (prompted only),
+answers.jsonl (one row per answer), measure.jsonl (one row per condition and question: the per-question
+values behind every mean), cells.jsonl + cells.csv (one summary row per condition). Finished conditions are
+never recomputed."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,15 +40,21 @@ from .io import append_jsonl, read_jsonl, write_text
 from .judges import Judge, JudgeItem, make_judge
 from .likelihood import response_logprobs
 from .progress import Progress, no_progress
+from .reference import NAME as REFERENCE
+from .reference import reference_measure
 from .runs import open_run
+from .stats import mean_se
 from .steering import STEER_POSITIONS, check_coef
-from .traits import LoadedTrait, load_trait
+from .traits import LoadedTrait, Trait, load_trait
 
 if TYPE_CHECKING:
     from .models import Model
     from .vectors import PersonaVector
 
-CSV_FIELDS = ["layer", "coef", "n", "trait_mean", "trait_se", "coherence_mean", "coherence_se", "judge_free_mean",
+__all__ = ["CSV_FIELDS", "HALVES", "Condition", "EvalSettings", "evaluate", "mean_se", "question_indices",
+           "resolve_measure"]
+
+CSV_FIELDS = ["control", "measure", "layer", "coef", "n", "trait_mean", "trait_se", "coherence_mean", "coherence_se", "judge_free_mean",
               "judge_free_se", "perplexity", "quiz_accuracy"]
 
 
@@ -68,6 +84,7 @@ class EvalSettings:
     positions: str = "response"
     n_reference: int | None = None  # questions with reference answers for the judge-free measure (None = all)
     capability: bool = False  # also measure perplexity and quiz accuracy under each condition
+    half: str = "all"  # which evaluation questions: all, first (choose settings here) or second (report here)
 
     def validate(self) -> None:
         if (self.n_questions is not None and self.n_questions < 1) or self.rollouts < 1 or self.max_new_tokens < 1:
@@ -76,17 +93,31 @@ class EvalSettings:
             raise PersonavecError(f"--temperature must be a finite number ≥ 0, got {self.temperature}")
         if self.positions not in STEER_POSITIONS:
             raise PersonavecError(f"--positions must be one of {', '.join(STEER_POSITIONS)}")
+        if self.half not in HALVES:
+            raise PersonavecError(f"--half must be one of {', '.join(HALVES)}, got '{self.half}'")
 
 
-def mean_se(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
-    xs = [float(v) for v in values if v is not None]
-    if not xs:
-        return None, None, 0
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, None, len(xs)
-    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-    return m, math.sqrt(var / len(xs)), len(xs)
+HALVES = ("all", "first", "second")
+
+
+def question_indices(n_questions: int, half: str = "all", limit: int | None = None) -> list[int]:
+    """Evaluation-question indices of a half (first = 0..n/2−1, second = the rest), then the first `limit`.
+    Settings chosen on the first half and reported on the second never see the same question twice."""
+    mid = (n_questions + 1) // 2
+    idx = {"all": range(n_questions), "first": range(mid), "second": range(mid, n_questions)}[half]
+    return list(idx)[:limit]
+
+
+def resolve_measure(trait: Trait, judge: Judge | str | None) -> str:
+    """'reference' when asked for, or by default (judge None / 'auto') when the trait has references;
+    otherwise the judge's name (default 'contrast')."""
+    name = judge.name if isinstance(judge, Judge) else judge
+    if name == REFERENCE or (name in (None, "auto") and trait.references):
+        if not trait.references:
+            raise PersonavecError(f"trait '{trait.name}' has no references; the reference measure needs a "
+                                  "references section in the trait file (or use --judge contrast)")
+        return REFERENCE
+    return "contrast" if name in (None, "auto") else str(name)
 
 
 def reference_answers(model: Model, trait: LoadedTrait, settings: EvalSettings, folder: Path | None,
@@ -162,69 +193,87 @@ def evaluate(model: Model, trait: str | Path | LoadedTrait, *, vector: PersonaVe
              conditions: Sequence[Condition] = (Condition(None, 0.0),), judge: Judge | str | None = None,
              settings: EvalSettings | None = None, run_dir: str | Path | None = None, kind: str = "eval",
              extra_settings: dict[str, Any] | None = None, allow_mismatch: bool = False,
+             controls: Mapping[str, PersonaVector] | None = None,
              progress: Progress = no_progress) -> list[dict[str, Any]]:
-    """Evaluate each condition; returns one summary dict per condition (the rows of cells.csv).
+    """Evaluate each condition (for the vector and for each control); returns one summary dict per
+    condition (the rows of cells.csv). `judge` None or 'auto' means the reference measure when the trait
+    has references, else the contrast judge.
 
     With `run_dir`, every answer and score is stored and finished conditions are skipped on a rerun."""
     loaded = trait if isinstance(trait, LoadedTrait) else load_trait(trait)
     s = settings or EvalSettings()
     s.validate()
-    if any(c.steered for c in conditions):
+    ctrl = dict(controls or {})
+    if any(c.steered for c in conditions) or ctrl:
         if vector is None:
-            raise PersonavecError("steered conditions need a vector (--vector)")
+            raise PersonavecError("steered conditions and controls need a vector (--vector)")
         vector.check_model(model, allow_mismatch)
     for c in conditions:
         check_coef(c.coef)
-    the_judge = judge if isinstance(judge, Judge) else make_judge(judge, model, loaded.trait)
-    if hasattr(the_judge, "check"):
-        the_judge.check()
+    measure = resolve_measure(loaded.trait, judge)
+    the_judge: Judge | None = None
+    if measure != REFERENCE:
+        the_judge = judge if isinstance(judge, Judge) else make_judge(measure, model, loaded.trait)
+        if hasattr(the_judge, "check"):
+            the_judge.check()
     folder = None
     if run_dir is not None:
         folder = open_run(run_dir, kind, {
             "model_id": model.model_id, "fingerprint": model.fingerprint, "trait": loaded.trait.name,
-            "trait_sha256": loaded.sha256, "judge": the_judge.name,
+            "trait_sha256": loaded.sha256, "judge": measure, "measure": measure,
             "vector_digest": None if vector is None else vector.digest(),
-            **asdict(s), **(extra_settings or {})})
+            "controls": {k: v.digest() for k, v in ctrl.items()}, **asdict(s), **(extra_settings or {})})
     done: dict[str, dict[str, Any]] = {r["cell"]: r for r in read_jsonl(folder / "cells.jsonl")} if folder else {}
-    refs = reference_answers(model, loaded, s, folder, progress)
-    questions = loaded.trait.evaluation_questions[: s.n_questions]
-    plan = [(q, r) for q in range(len(questions)) for r in range(s.rollouts)]
-    prompts = [encode_chat(model.tokenizer, messages_for(questions[q])) for q, _ in plan]
+    refs = reference_answers(model, loaded, s, folder, progress) if the_judge is not None else []
+    q_idx = question_indices(len(loaded.trait.evaluation_questions), s.half, s.n_questions)
+    questions = [loaded.trait.evaluation_questions[q] for q in q_idx]
+    plan = [(q, r) for q in q_idx for r in range(s.rollouts)]
+    prompts = [encode_chat(model.tokenizer, messages_for(loaded.trait.evaluation_questions[q])) for q, _ in plan]
+    runs = [(None, vector, c) for c in dict.fromkeys(conditions)]
+    runs += [(name, v, c) for name, v in ctrl.items() for c in dict.fromkeys(conditions) if c.steered]
     summaries: list[dict[str, Any]] = []
-    unique = list(dict.fromkeys(conditions))
-    for n, cond in enumerate(unique):
-        progress("conditions", n, len(unique))
-        if cond.cell in done:
-            summaries.append({**done[cond.cell], "layer": cond.layer, "coef": cond.coef})
+    for n, (name, vec, cond) in enumerate(runs):
+        progress("conditions", n, len(runs))
+        cell = cond.cell if name is None else f"{name}:{cond.cell}"
+        if cell in done:
+            summaries.append({**done[cell], "layer": cond.layer, "coef": cond.coef})
             continue
-        summary, answers, jf = _evaluate_condition(model, loaded, vector, cond, the_judge, refs, prompts, plan,
-                                                   questions, s, allow_mismatch, progress)
+        summary, answers, per_q = _evaluate_condition(model, loaded, vec, cond, the_judge, refs, prompts, plan,
+                                                      q_idx, s, allow_mismatch, progress)
+        tag = {"cell": cell, "control": name, "measure": measure}
+        summary.update(tag)
+        answers = [{**a, **tag} for a in answers]
+        per_q = [{**r, **tag} for r in per_q]
         summaries.append(summary)
         if folder:
             append_jsonl(folder / "answers.jsonl", answers)
-            append_jsonl(folder / "judge_free.jsonl", jf)
+            append_jsonl(folder / "measure.jsonl", per_q)
             append_jsonl(folder / "cells.jsonl", [summary])
-            write_cells_csv(folder / "cells.csv", _expand(summaries, conditions))
-    progress("conditions", len(unique), len(unique))
-    result = _expand(summaries, conditions)
+            write_cells_csv(folder / "cells.csv", _expand(summaries, conditions, ctrl))
+    progress("conditions", len(runs), len(runs))
+    result = _expand(summaries, conditions, ctrl)
     if folder:
         write_cells_csv(folder / "cells.csv", result)
     return result
 
 
-def _expand(summaries: list[dict[str, Any]], conditions: Sequence[Condition]) -> list[dict[str, Any]]:
-    """One row per requested condition; the shared unsteered cell is repeated with each layer's label."""
+def _expand(summaries: list[dict[str, Any]], conditions: Sequence[Condition],
+            controls: Mapping[str, PersonaVector]) -> list[dict[str, Any]]:
+    """One row per requested condition and vector; the shared unsteered cell is repeated with each layer's
+    label (for the trait's own rows only: a control's coefficient 0 is that same cell)."""
     by_cell = {s["cell"]: s for s in summaries}
     rows = []
-    for c in conditions:
-        if c.cell in by_cell:
-            rows.append({**by_cell[c.cell], "layer": c.layer, "coef": c.coef})
+    for name in [None, *controls]:
+        for c in conditions:
+            key = c.cell if name is None or not c.steered else f"{name}:{c.cell}"
+            if key in by_cell and (name is None or c.steered):
+                rows.append({**by_cell[key], "layer": c.layer, "coef": c.coef, "control": name})
     return rows
 
 
 def _evaluate_condition(model: Model, loaded: LoadedTrait, vector: PersonaVector | None, cond: Condition,
-                        judge: Judge, refs: list[dict[str, Any]], prompts: list[list[int]],
-                        plan: list[tuple[int, int]], questions: list[str], s: EvalSettings,
+                        judge: Judge | None, refs: list[dict[str, Any]], prompts: list[list[int]],
+                        plan: list[tuple[int, int]], q_idx: list[int], s: EvalSettings,
                         allow_mismatch: bool, progress: Progress) -> tuple[dict[str, Any], list[dict[str, Any]],
                                                                              list[dict[str, Any]]]:
     steering: Any = nullcontext()
@@ -232,27 +281,44 @@ def _evaluate_condition(model: Model, loaded: LoadedTrait, vector: PersonaVector
         steering = vector.steer(model, layer=cond.layer, coef=cond.coef, positions=s.positions,
                                 allow_mismatch=allow_mismatch)
     capability: dict[str, float] = {}
+    questions = loaded.trait.evaluation_questions
+    per_q: list[dict[str, Any]] = []
     with steering:
         outs = generate_ids(model, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                             seed=s.seed, progress=progress, task=f"answers {cond.cell}")
-        jf = judge_free_measure(model, refs, progress)
+        if judge is None:
+            ref = reference_measure(model, loaded.trait, q_idx, progress=progress)
+            per_q = [{"question_idx": g.question_idx, "lp_with_trait": g.with_trait,
+                      "lp_without_trait": g.without_trait, "value": g.gap} for g in ref.questions]
+        else:
+            jf = judge_free_measure(model, refs, progress)
+            per_q = [{"question_idx": r["question_idx"], "lp_positive": r["lp_positive"],
+                      "lp_negative": r["lp_negative"], "value": r["judge_free"]} for r in jf]
         if s.capability:
             from .capability import capability as measure_capability
 
             capability = measure_capability(model, progress=progress)
     texts = [model.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
     items = [JudgeItem(questions[q], a) for (q, _), a in zip(plan, texts, strict=True)]
-    scores = judge.score_batch(items, loaded.trait.rubric, progress=progress)  # unsteered from here on
-    coherence = judge.coherence_batch(items, progress) if judge.scores_coherence else fluency(model, items, progress)
-    answers = [{"cell": cond.cell, "layer": cond.layer, "coef": cond.coef, "question_idx": q, "rollout": r,
+    # unsteered from here on
+    scores: list[float | None] = (judge.score_batch(items, loaded.trait.rubric, progress=progress) if judge
+                                  else [None] * len(items))
+    coherence = (judge.coherence_batch(items, progress) if judge is not None and judge.scores_coherence
+                 else fluency(model, items, progress))
+    answers = [{"layer": cond.layer, "coef": cond.coef, "question_idx": q, "rollout": r,
                 "question": questions[q], "answer": a, "trait_score": sc, "coherence": co}
                for (q, r), a, sc, co in zip(plan, texts, scores, coherence, strict=True)]
-    jf_rows = [{"cell": cond.cell, "layer": cond.layer, "coef": cond.coef, **row} for row in jf]
-    tm, tse, n = mean_se(scores)
+    per_q = [{"layer": cond.layer, "coef": cond.coef, **row} for row in per_q]
+    values = [r["value"] for r in per_q]
+    if judge is None:  # the reference measure is the trait measure, per question
+        tm, tse, n = mean_se(values)
+        jm = jse = None
+    else:
+        tm, tse, n = mean_se(scores)
+        jm, jse, _ = mean_se(values)
     cm, cse, _ = mean_se(coherence)
-    jm, jse, _ = mean_se([r["judge_free"] for r in jf])
-    summary = {"cell": cond.cell, "layer": cond.layer, "coef": cond.coef, "n": n, "trait_mean": tm, "trait_se": tse,
+    summary = {"layer": cond.layer, "coef": cond.coef, "n": n, "trait_mean": tm, "trait_se": tse,
                "coherence_mean": cm, "coherence_se": cse, "judge_free_mean": jm, "judge_free_se": jse,
                "perplexity": capability.get("perplexity"), "quiz_accuracy": capability.get("quiz_accuracy"),
-               "coherence_source": judge.name if judge.scores_coherence else "fluency"}
-    return summary, answers, jf_rows
+               "coherence_source": judge.name if judge is not None and judge.scores_coherence else "fluency"}
+    return summary, answers, per_q

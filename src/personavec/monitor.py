@@ -12,13 +12,16 @@ For each prompt × question:
     diagnostic, at every layer);
   * trait score: the judge's mean score over `rollouts` sampled answers (contrast judge by default), plus
     each answer's response-mean projection;
-  * judge-free measure: log p(trait-positive reference answer | prompt) − log p(trait-negative reference |
-    prompt), per token; the references are evaluate.reference_answers (made without the monitored prompt).
+  * reference measure (when the trait file has authored references; the headline measure then): mean
+    log p(with-trait reference | prompt) − mean log p(without-trait reference | prompt), per token. The
+    references were written independently of the prompt pairs and of the graded prompts;
+  * judge-free measure (prompted): the same gap for answers the model wrote under the trait's positive /
+    negative system prompts (evaluate.reference_answers, made without the monitored prompt).
 The prompt is run once with the KV cache: its last position gives the projections, and the references
 and answers are then scored as continuations of that cache.
 
-Results: Pearson r overall and within each condition for both measures (per point, and over per-level
-means), a threshold on the projection calibrated to separate answers the judge scores at or above its
+Results: Pearson r overall and within each condition for every measure (per point, over per-level means,
+and within levels: both variables centred on their level's mean, so prompt identity alone cannot drive it), a threshold on the projection calibrated to separate answers the judge scores at or above its
 neutral point from those below (fitted on even-indexed questions, checked on odd ones, then refitted on
 all), and the `meta["monitor"]` block the server reads to flag requests.
 
@@ -57,7 +60,8 @@ if TYPE_CHECKING:
     from .models import Model
 
 CONDITIONS = ("graded", "many_shot")
-CSV_FIELDS = ["condition", "level", "question_idx", "prompt_tokens", "projection", "trait_score", "judge_free",
+CSV_FIELDS = ["condition", "level", "question_idx", "prompt_tokens", "projection", "reference", "trait_score",
+              "judge_free",
               "response_projection", "n_answers", "label", "question"]
 
 
@@ -283,6 +287,34 @@ def _references(model: Model, loaded: LoadedTrait, s: MonitorSettings, folder: P
     return out
 
 
+def _authored(model: Model, loaded: LoadedTrait) -> dict[int, tuple[list[list[int]], list[list[int]]]]:
+    """{question index: (with-trait token ids, without-trait token ids)} of the trait file's references."""
+    out = {}
+    for q in range(len(loaded.trait.evaluation_questions)):
+        ref = loaded.trait.reference_for(q)
+        if ref is not None:
+            out[q] = ([encode_response(model.tokenizer, a) for a in ref.with_trait],
+                      [encode_response(model.tokenizer, a) for a in ref.without_trait])
+    return out
+
+
+def within_levels(points: Sequence[dict[str, Any]], measure: str) -> float | None:
+    """Pearson r after centring projection and measure on their (condition, level) means: what the
+    projection says about a question beyond which prompt it was asked under."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for p in points:
+        if p.get(measure) is not None and p.get("projection") is not None:
+            groups.setdefault((p["condition"], p["level"]), []).append(p)
+    xs: list[float] = []
+    ys: list[float] = []
+    for sub in groups.values():
+        mx = sum(p["projection"] for p in sub) / len(sub)
+        my = sum(p[measure] for p in sub) / len(sub)
+        xs += [p["projection"] - mx for p in sub]
+        ys += [p[measure] - my for p in sub]
+    return pearson(xs, ys)
+
+
 # ---- the experiment ----------------------------------------------------------------------------------------
 def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, *,
                  judge: Judge | str | None = None, settings: MonitorSettings | None = None, layer: int | None = None,
@@ -312,6 +344,7 @@ def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaV
     shots = shot_examples(model, loaded, the_judge, s, folder, progress)
     plan = plan_prompts(loaded, s, shots)
     refs = _references(model, loaded, s, folder, progress)
+    authored = _authored(model, loaded)
     profile_dirs = directions({f"L{ly}": vector for ly in range(1, model.n_layers + 1)},
                               {f"L{ly}": ly for ly in range(1, model.n_layers + 1)})
     main = f"L{read_layer}"
@@ -335,9 +368,13 @@ def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaV
         for i, (p, prompt) in enumerate(zip(part, prompts, strict=True)):
             ref = refs.get(p.question_idx, {})
             answers = [encode_response(tok, texts[i * s.rollouts + r]) for r in range(s.rollouts)]
-            conts = [ref.get("positive", []), ref.get("negative", []), *answers]
+            with_t, without_t = authored.get(p.question_idx, ([], []))
+            conts = [ref.get("positive", []), ref.get("negative", []), *answers, *with_t, *without_t]
             profile, lps, projs = prompt_readings(model, prompt, conts, profile_dirs, main)
             lp_pos, lp_neg = (lps[0], lps[1]) if s.judge_free else (None, None)
+            a = 2 + s.rollouts
+            lp_w, lp_wo = _mean(lps[a:a + len(with_t)]), _mean(lps[a + len(with_t):])
+            projs = projs[:a]
             sc = scores[i * s.rollouts:(i + 1) * s.rollouts]
             rows.append({"key": p.key, "condition": p.condition, "level": p.level, "label": p.label,
                          "question_idx": p.question_idx, "question": p.question, "prompt_tokens": len(prompt),
@@ -345,7 +382,8 @@ def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaV
                          "answers": [texts[i * s.rollouts + r] for r in range(s.rollouts)],
                          "trait_scores": sc, "trait_score": _mean(sc), "response_projections": projs[2:],
                          "response_projection": _mean(projs[2:]), "lp_positive": lp_pos, "lp_negative": lp_neg,
-                         "judge_free": None if lp_pos is None or lp_neg is None else lp_pos - lp_neg})
+                         "judge_free": None if lp_pos is None or lp_neg is None else lp_pos - lp_neg,
+                         "reference": None if lp_w is None or lp_wo is None else lp_w - lp_wo})
         if points_path is not None:
             append_jsonl(points_path, rows)
         done.update({r["key"]: r for r in rows})
@@ -377,21 +415,25 @@ def levels(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "projection": _mean([p["projection"] for p in sub]),
                     "trait_score": _mean([p["trait_score"] for p in sub]),
                     "judge_free": _mean([p["judge_free"] for p in sub]),
+                    "reference": _mean([p.get("reference") for p in sub]),
                     "response_projection": _mean([p["response_projection"] for p in sub])})
     return out
 
 
 def summarize(points: Sequence[dict[str, Any]], *, layer: int, judge: Judge, identity: dict[str, Any],
               shots: Sequence[dict[str, Any]], n_layers: int) -> dict[str, Any]:
-    measures = ("trait_score", "judge_free")
+    measures = ("reference", "trait_score", "judge_free")
     lv = levels(points)
     r: dict[str, dict[str, float | None]] = {m: {} for m in measures}
     r_levels: dict[str, dict[str, float | None]] = {m: {} for m in measures}
+    r_within: dict[str, dict[str, float | None]] = {m: {} for m in measures}
     for scope, sub in _scopes(points).items():
         sub_levels = [x for x in lv if scope == "overall" or x["condition"] == scope]
         for m in measures:
-            r[m][scope] = pearson([p["projection"] for p in sub], [p[m] for p in sub])
+            r[m][scope] = pearson([p["projection"] for p in sub], [p.get(m) for p in sub])
             r_levels[m][scope] = pearson([x["projection"] for x in sub_levels], [x[m] for x in sub_levels])
+            r_within[m][scope] = within_levels(sub, m)
+    headline = "reference" if any(p.get("reference") is not None for p in points) else "trait_score"
     r_response = pearson([v for p in points for v in p["response_projections"]],
                          [s for p in points for s in p["trait_scores"]])
     profile = {m: {scope: [pearson([p["profile"][ly - 1] for p in sub], [p[m] for p in sub])
@@ -403,15 +445,18 @@ def summarize(points: Sequence[dict[str, Any]], *, layer: int, judge: Judge, ide
                     "threshold": prompt_cal["threshold"], "response_threshold": response_cal["threshold"],
                     "balanced_accuracy": prompt_cal["balanced_accuracy"],
                     "heldout_balanced_accuracy": prompt_cal["heldout_balanced_accuracy"],
-                    "r": r["trait_score"]["overall"], "r_graded": r["trait_score"].get("graded"),
-                    "r_many_shot": r["trait_score"].get("many_shot"),
+                    "measure": "reference" if headline == "reference" else judge.name,
+                    "r": r[headline]["overall"], "r_graded": r[headline].get("graded"),
+                    "r_many_shot": r[headline].get("many_shot"), "r_judge": r["trait_score"]["overall"],
                     "r_judge_free": r["judge_free"]["overall"], "judge": judge.name,
                     "judge_threshold": judge.threshold, "n_answers": prompt_cal["n_answers"],
                     "trait_sha256": identity["trait_sha256"], "run": settings_hash(identity), "created": now_iso()}
     return {"trait": identity["trait"], "model_id": identity["model_id"], "fingerprint": identity["fingerprint"],
             "vector_digest": identity["vector_digest"], "layer": layer, "judge": judge.name,
             "judge_threshold": judge.threshold, "settings": identity, "n_points": len(points),
-            "pearson": r, "pearson_levels": r_levels, "pearson_response_projection": r_response,
+            "measure": "reference" if headline == "reference" else judge.name,
+            "pearson": r, "pearson_levels": r_levels, "pearson_within_levels": r_within,
+            "pearson_response_projection": r_response,
             "levels": lv, "calibration": {"prompt": prompt_cal, "response": response_cal},
             "layer_profile": {"note": "diagnostic only: the reading layer was fixed before the run", **profile},
             "shots": {"n": len(shots), "expressing": sum(1 for x in shots if x["score"] is not None and x["score"] >= judge.threshold),

@@ -4,14 +4,14 @@ choice in the vector file so later commands steer there by default."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import LayerError, PersonavecError
-from .evaluate import Condition, EvalSettings, evaluate
+from .evaluate import Condition, EvalSettings, evaluate, resolve_measure
 from .io import write_json
-from .judges import Judge, make_judge
+from .judges import Judge
 from .layers import check_layer
 from .progress import Progress, no_progress
 from .steering import check_coef
@@ -46,10 +46,11 @@ def choose(cells: Sequence[dict[str, Any]], coherence_min: float | None) -> dict
     whose mean coherence stays at or above the threshold. A threshold of None means 50% of the unsteered
     coherence (for judge-free fluency, which has no absolute scale).
 
-    The rise counts two independent readings when the cells carry both: the judge's mean trait score and
-    the judge-free measure (likelihood of trait-positive vs -negative reference answers), each in units of
-    its own spread over the grid, summed. A layer where only one of them moves (e.g. the judge rewards
-    surface cues the references do not share) then loses to one where both move."""
+    With the reference measure (authored answers) the rise is that measure's alone. With a judge, the rise
+    counts two readings when the cells carry both: the judge's mean trait score and the prompted judge-free
+    measure, each in units of its own spread over the grid, summed. Control cells (`control` set) are
+    never chosen."""
+    cells = [c for c in cells if not c.get("control")]
     base = next((c for c in cells if c["coef"] == 0), None)
     if base is None or base.get("trait_mean") is None:
         raise PersonavecError("the sweep needs coefficient 0 in --coefs to measure trait change")
@@ -79,7 +80,7 @@ def choose(cells: Sequence[dict[str, Any]], coherence_min: float | None) -> dict
         raise PersonavecError(f"no positive coefficient kept coherence ≥ {threshold:.3g}; try smaller --coefs")
     both = unit_j is not None
     return {**best, "coherence_threshold": threshold,
-            "criterion": "largest rise over coefficient 0 of the mean trait score"
+            "criterion": "largest rise over coefficient 0 of the mean trait measure"
                          + (" plus the judge-free measure, each in units of its spread over the grid," if both
                             else "") + " among positive coefficients whose mean coherence stays at or above "
                          "the threshold"}
@@ -89,9 +90,11 @@ def sweep(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, 
           layers: Sequence[int] | None = None, coefs: Sequence[float] | None = None,
           judge: Judge | str | None = None, settings: EvalSettings | None = None,
           run_dir: str | Path, coherence_min: float | None = None, vector_path: str | Path | None = None,
-          allow_mismatch: bool = False, progress: Progress = no_progress) -> dict[str, Any]:
-    """Evaluate the grid, write cells.csv and choice.json into `run_dir`, and (if `vector_path` is given)
-    rewrite that vector file atomically with best_layer / best_coef in its metadata."""
+          allow_mismatch: bool = False, controls: Mapping[str, PersonaVector] | None = None,
+          progress: Progress = no_progress) -> dict[str, Any]:
+    """Evaluate the grid (and the same steered grid for each control), write cells.csv and choice.json into
+    `run_dir`, and (if `vector_path` is given) rewrite that vector file atomically with best_layer /
+    best_coef in its metadata. The choice reads the trait's own cells only."""
     loaded = trait if isinstance(trait, LoadedTrait) else load_trait(trait)
     vector.check_model(model, allow_mismatch)
     layer_list = list(default_layers(model.n_layers) if layers is None else layers)
@@ -107,15 +110,17 @@ def sweep(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, 
     if 0.0 not in coef_list:
         coef_list.append(0.0)
     coef_list.sort()
-    the_judge = judge if isinstance(judge, Judge) else make_judge(judge, model, loaded.trait)
+    measure = resolve_measure(loaded.trait, judge)
     conditions = [Condition(layer, c) for layer in layer_list for c in coef_list]
     # the run folder is identified by the vector's digest and the settings; its grid may grow between runs
-    cells = evaluate(model, loaded, vector=vector, conditions=conditions, judge=the_judge, settings=settings,
-                     run_dir=run_dir, kind="sweep", allow_mismatch=allow_mismatch, progress=progress)
-    choice = {**choose(cells, coherence_min), "judge": the_judge.name, "trait": loaded.trait.name,
-              "layers": layer_list, "coefs": coef_list, "vector_file": str(vector_path or "")}
+    cells = evaluate(model, loaded, vector=vector, conditions=conditions, judge=judge, settings=settings,
+                     run_dir=run_dir, kind="sweep", allow_mismatch=allow_mismatch, controls=controls,
+                     progress=progress)
+    s = settings or EvalSettings()
+    choice = {**choose(cells, coherence_min), "judge": measure, "measure": measure, "trait": loaded.trait.name,
+              "half": s.half, "layers": layer_list, "coefs": coef_list, "vector_file": str(vector_path or "")}
     write_json(Path(run_dir) / "choice.json", choice)
     if vector_path is not None:
         vector.with_meta(best_layer=choice["best_layer"], best_coef=choice["best_coef"],
-                         sweep_run=str(run_dir), sweep_judge=the_judge.name).save(vector_path)
+                         sweep_run=str(run_dir), sweep_judge=measure).save(vector_path)
     return choice

@@ -12,8 +12,9 @@ from matplotlib.figure import Figure
 
 from .plots import _colours, _png
 
-PANELS = (("trait_score", "trait score of sampled answers ({judge})"),
-          ("judge_free", "judge-free: log p(pos. ref.) − log p(neg. ref.) given the prompt"))
+PANELS = (("reference", "reference: log p(authored trait ans.) − log p(authored non-trait ans.)"),
+          ("trait_score", "trait score of sampled answers ({judge})"),
+          ("judge_free", "judge-free (prompted): log p(pos. ref.) − log p(neg. ref.)"))
 MARKERS = {"graded": "o", "many_shot": "s"}
 
 

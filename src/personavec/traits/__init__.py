@@ -11,9 +11,9 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import TraitError
-from .schema import MIN_PAIRS, PromptPair, Trait, normalize_question
+from .schema import MIN_PAIRS, PromptPair, Reference, Trait, normalize_question
 
-__all__ = ["MIN_PAIRS", "LoadedTrait", "PromptPair", "Trait", "builtin_traits", "load_trait",
+__all__ = ["MIN_PAIRS", "LoadedTrait", "PromptPair", "Reference", "Trait", "builtin_traits", "load_trait",
            "normalize_question", "parse_trait"]
 
 

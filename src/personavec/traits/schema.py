@@ -1,5 +1,6 @@
 """The trait file schema (YAML). A trait is a name, a description, contrastive system-prompt pairs,
-two disjoint question sets (extraction / evaluation) and a judge rubric with {question} and {answer}."""
+two disjoint question sets (extraction / evaluation), a judge rubric with {question} and {answer}, and
+optionally authored reference answers per evaluation question (the independent `reference` measure)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MIN_PAIRS = 5
+MIN_REFERENCES = 2  # answers per side and question
+MAX_LENGTH_RATIO = 1.5  # mean words of one side over the other, per question
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 
@@ -24,6 +27,35 @@ class PromptPair(BaseModel):
     negative: str = Field(min_length=1)
 
 
+def _words(texts: list[str]) -> float:
+    return sum(len(t.split()) for t in texts) / len(texts)
+
+
+class Reference(BaseModel):
+    """Authored answers to one evaluation question: some that express the trait, some that do not, matched
+    in topic and length and written independently of the prompt pairs (never sampled under them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1)
+    with_trait: list[str]
+    without_trait: list[str]
+
+    @model_validator(mode="after")
+    def _sides(self) -> Reference:
+        for side in ("with_trait", "without_trait"):
+            answers = getattr(self, side)
+            if len(answers) < MIN_REFERENCES:
+                raise ValueError(f"{self.question[:50]!r}: {side} needs at least {MIN_REFERENCES} answers, "
+                                 f"found {len(answers)}")
+            if any(not a.strip() for a in answers):
+                raise ValueError(f"{self.question[:50]!r}: {side} has an empty answer")
+        a, b = _words(self.with_trait), _words(self.without_trait)
+        if max(a, b) > MAX_LENGTH_RATIO * min(a, b):
+            raise ValueError(f"{self.question[:50]!r}: with_trait answers average {a:.0f} words and "
+                             f"without_trait {b:.0f}; match their lengths within {MAX_LENGTH_RATIO}x")
+        return self
+
+
 class Trait(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -35,6 +67,8 @@ class Trait(BaseModel):
     rubric: str
     # Graded system prompts (most discouraging first) for monitoring experiments; optional.
     graded_prompts: list[str] = Field(default_factory=list)
+    # Authored answers per evaluation question (see Reference); optional, but the default offline measure.
+    references: list[Reference] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -80,7 +114,21 @@ class Trait(BaseModel):
         if overlap:
             raise ValueError(f"evaluation_questions overlap extraction_questions: {overlap[0][:60]!r}"
                              + (f" and {len(overlap) - 1} more" if len(overlap) > 1 else ""))
+        evaluation = {normalize_question(q) for q in self.evaluation_questions}
+        seen: set[str] = set()
+        for ref in self.references:
+            key = normalize_question(ref.question)
+            if key not in evaluation:
+                raise ValueError(f"references: {ref.question[:60]!r} is not one of the evaluation_questions")
+            if key in seen:
+                raise ValueError(f"references: {ref.question[:60]!r} appears twice")
+            seen.add(key)
         return self
+
+    def reference_for(self, question_idx: int) -> Reference | None:
+        """The authored references of evaluation question `question_idx`, if it has any."""
+        key = normalize_question(self.evaluation_questions[question_idx])
+        return next((r for r in self.references if normalize_question(r.question) == key), None)
 
     def render_rubric(self, question: str, answer: str) -> str:
         return self.rubric.replace("{question}", question).replace("{answer}", answer)
