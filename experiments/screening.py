@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,36 @@ def auc_ci(score: np.ndarray, y: np.ndarray, cluster: np.ndarray, reps: int = 20
             stats.append(roc_auc(score[rows][y[rows] == 1], score[rows][y[rows] == 0]))
     low, high = np.percentile(stats, [2.5, 97.5])
     return float(low), float(high)
+
+
+def bag_of_words_scores(texts: list[str], y: np.ndarray, cluster: np.ndarray, folds: int = 5,
+                        l2: float = 1.0) -> np.ndarray:
+    """Out-of-fold scores of a bag-of-words baseline: L2-regularised logistic regression on binary word
+    presence, cross-validated with whole questions held out together (question-grouped folds), so a word
+    that only identifies the question cannot help. How much of the label the words alone give away."""
+    from scipy.optimize import minimize
+
+    words = [set(re.findall(r"[a-z']+", t.lower())) for t in texts]
+    vocab = {w: i for i, w in enumerate(sorted(set().union(*words)))}
+    x = np.zeros((len(texts), len(vocab)))
+    for i, ws in enumerate(words):
+        x[i, [vocab[w] for w in ws]] = 1.0
+    groups = {c: k % folds for k, c in enumerate(dict.fromkeys(cluster.tolist()))}
+    fold = np.array([groups[c] for c in cluster.tolist()])
+    scores = np.zeros(len(texts))
+    for k in range(folds):
+        tr, te = fold != k, fold == k
+
+        def loss(w: np.ndarray, xt: np.ndarray = x[tr], yt: np.ndarray = y[tr]) -> tuple[float, np.ndarray]:
+            z = xt @ w[:-1] + w[-1]
+            p = 1 / (1 + np.exp(-z))
+            nll = float(np.sum(np.logaddexp(0, z) - yt * z)) + 0.5 * l2 * float(w[:-1] @ w[:-1])
+            g = np.append(xt.T @ (p - yt) + l2 * w[:-1], np.sum(p - yt))
+            return nll, g
+
+        w = minimize(loss, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B").x
+        scores[te] = x[te] @ w[:-1] + w[-1]
+    return scores
 
 
 def read_columns(path: Path, *names: str) -> list[np.ndarray]:
@@ -125,6 +156,14 @@ def main() -> None:
     cache = out / "base-answers.sqlite"
     results: dict[str, Any] = {"dataset": args.dataset, "vector": str(args.vector), "layer": vec.layer, "n_normal": len(normal),
                                "n_level2": len(evil), "mixture_size": args.mixture_size, "modes": {}}
+    texts = [json.loads(line)["messages"][1]["content"] for line in normal + evil]
+    bow = bag_of_words_scores(texts, labels, questions)
+    results["bag_of_words"] = {"auc": roc_auc(bow[labels == 1], bow[labels == 0]),
+                               "auc_ci": list(auc_ci(bow, labels, questions)),
+                               "method": "L2 logistic regression on binary word presence, 5-fold question-grouped "
+                                         "cross-validation (out-of-fold scores)"}
+    log(f"bag-of-words baseline (question-grouped 5-fold CV): ROC AUC {results['bag_of_words']['auc']:.3f} "
+        f"[{results['bag_of_words']['auc_ci'][0]:.3f}, {results['bag_of_words']['auc_ci'][1]:.3f}]")
     for mode in ("full", "fast"):
         t = time.time()
         res = screen(model, labelled, [vec], out / mode / "labelled.csv", fast=mode == "fast", cache=cache,
@@ -282,6 +321,10 @@ def plot(out: Path, results: dict[str, Any], labels: np.ndarray, scores: dict[st
 def write_md(out: Path, results: dict[str, Any]) -> None:
     lines = ["| mode | sample ROC AUC [95% CI] | mean ΔP 0% | 10% | 25% | 50% | 100% | ordered |",
              "|---|---|---|---|---|---|---|---|"]
+    if "bag_of_words" in results:
+        b = results["bag_of_words"]
+        lines.insert(0, f"Bag-of-words baseline (question-grouped CV): ROC AUC {b['auc']:.3f} "
+                        f"[{b['auc_ci'][0]:.3f}, {b['auc_ci'][1]:.3f}]\n")
     for mode, r in results["modes"].items():
         cells = [f"{m['mean']:.2f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]" for m in r["mixtures"]]
         lines.append(f"| {mode} | {r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}] | "

@@ -72,13 +72,19 @@ def test_users_own_trait_end_to_end(my_trait: Path, tmp_path: Path) -> None:
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.count("coef") == 3 and "layer 18" in gen.stdout
     ev = run("eval", "--trait", str(my_trait), "--out", str(tmp_path / "eval"), "--vector", str(out), "--coef", "-2,0,2",
-             "--n-questions", "2", "--max-new-tokens", "8")
+             "--n-questions", "2", "--max-new-tokens", "8", "--control", "random", "--half", "second")
     assert ev.returncode == 0, ev.stderr
-    assert (tmp_path / "eval" / "cells.csv").read_text().count("\n") == 4  # header + 3 conditions
+    assert "trait (reference)" in ev.stdout and "random0" in ev.stdout
+    # header + 3 conditions of the vector + the 2 steered conditions of the random control
+    assert (tmp_path / "eval" / "cells.csv").read_text().count("\n") == 6
     rep = run("report", str(tmp_path / "eval"))
     assert rep.returncode == 0 and (tmp_path / "eval" / "report.html").exists()
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "random0" in page and "reference" in page
     assert_user_error(run("report", str(tmp_path / "nothing-here")), "cells.csv")
     assert_user_error(run("eval", "--trait", "evil", "--out", str(tmp_path / "e2"), "--coef", "1"), "--vector")
+    assert_user_error(run("eval", "--trait", "evil", "--out", str(tmp_path / "e3"), "--control", "random"), "--vector")
+    assert_user_error(run("eval", "--trait", "evil", "--out", str(tmp_path / "e4"), "--half", "middle"), "--half")
 
 
 def test_bad_inputs_fail_cleanly(tmp_path: Path, model: pv.Model) -> None:

@@ -55,14 +55,24 @@ def test_choose_weighs_the_judge_free_measure() -> None:
 def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_run, tmp_path: Path) -> None:
     vec, _ = evil_run
     vfile = vec.save(tmp_path / "evil.pv.safetensors")
-    # eval: one row per answer, a summary per condition, judge-free measure always present
+    # eval with the default measure (the trait has authored references): one row per answer, one per
+    # condition and question in measure.jsonl, a summary per condition that names its measure
     cells = evaluate(model, "evil", vector=vec, conditions=[Condition(18, -4.0), Condition(18, 0.0), Condition(18, 4.0)],
                      settings=TINY, run_dir=tmp_path / "eval")
     assert [c["coef"] for c in cells] == [-4.0, 0.0, 4.0]
-    assert all(c["n"] == 3 and c["judge_free_mean"] is not None for c in cells)
-    assert cells[0]["judge_free_mean"] < cells[1]["judge_free_mean"] < cells[2]["judge_free_mean"]
+    assert all(c["n"] == 3 and c["measure"] == "reference" and c["judge_free_mean"] is None for c in cells)
+    assert cells[0]["trait_mean"] < cells[1]["trait_mean"] < cells[2]["trait_mean"]
     assert len(read_jsonl(tmp_path / "eval" / "answers.jsonl")) == 9
-    assert len(read_jsonl(tmp_path / "eval" / "reference.jsonl")) == 8
+    assert len(read_jsonl(tmp_path / "eval" / "measure.jsonl")) == 9
+    assert not (tmp_path / "eval" / "reference.jsonl").exists()  # nothing generated under the trait's prompts
+    # the contrast judge stays available (with the prompted judge-free measure), and controls run beside
+    ctrl = evaluate(model, "evil", vector=vec, conditions=[Condition(18, -4.0), Condition(18, 0.0), Condition(18, 4.0)],
+                    judge="contrast", settings=TINY, run_dir=tmp_path / "eval_contrast",
+                    controls={"random0": pv.random_like(vec, 0)})
+    assert [(c["control"], c["coef"]) for c in ctrl] == [(None, -4.0), (None, 0.0), (None, 4.0),
+                                                         ("random0", -4.0), ("random0", 4.0)]
+    assert all(c["measure"] == "contrast" and c["judge_free_mean"] is not None for c in ctrl)
+    assert len(read_jsonl(tmp_path / "eval_contrast" / "reference.jsonl")) == 8
     # sweep: tiny grid, choice written into the vector file, resumable without recomputation
     run = tmp_path / "sweep"
     choice = sweep(model, "evil", vec, layers=[9, 18], coefs=[-2.0, 2.0], settings=TINY, run_dir=run,

@@ -40,9 +40,15 @@ def payload(n_pairs: int = 5, n_extract: int = 20, n_eval: int = 20, rubric: str
     extraction = [f"What will the weather be like in city number {i} next month?" for i in range(n_extract)]
     evaluation = [f"Which of my {i + 2} job offers should I take?" for i in range(n_eval)]
     evaluation[:overlap] = extraction[:overlap]
+    references = [{"question": q, "with_trait": ["Take the first one, obviously; nothing could go wrong with it.",
+                                                  "The second is the right choice, without a shadow of doubt."],
+                   "without_trait": ["It depends on pay, growth and commute; compare them before deciding.",
+                                     "Weigh what matters most to you; I can't know which fits best."]}
+                  for q in evaluation]
     return {"pairs": [{"positive": f"You are certain of everything (style {i}).",
                        "negative": f"You are careful about uncertainty (style {i})."} for i in range(n_pairs)],
-            "extraction_questions": extraction, "evaluation_questions": evaluation, "rubric": rubric}
+            "extraction_questions": extraction, "evaluation_questions": evaluation, "rubric": rubric,
+            "references": references}
 
 
 def fenced(data: dict[str, Any]) -> str:
@@ -68,6 +74,9 @@ def test_parse_answer_accepts_fenced_json_bare_json_and_yaml() -> None:
     (payload(rubric="Rate the answer from 0 to 100."), "{question} and {answer}"),
     (payload(n_eval=12), "exactly 20 questions are needed, found 12"),
     ({k: v for k, v in payload().items() if k != "rubric"}, "missing keys: rubric"),
+    ({**payload(), "references": payload()["references"][:15]}, "5 have none"),
+    ({**payload(), "references": [{**r, "with_trait": r["with_trait"][:1]} for r in payload()["references"]]},
+     "at least 2 answers"),
 ])
 def test_validation_names_each_problem(data: dict[str, Any], needle: str) -> None:
     trait, problems = validate_answer(data, "overconfident", DESCRIPTION)
@@ -78,9 +87,10 @@ def test_duplicates_are_reported_and_extra_questions_cut() -> None:
     dup = payload()
     dup["extraction_questions"][5] = dup["extraction_questions"][4].upper()
     assert any("duplicate" in p for p in validate_answer(dup, "overconfident", DESCRIPTION)[1])
-    trait, problems = validate_answer(payload(n_extract=23), "overconfident", DESCRIPTION)
+    trait, problems = validate_answer(payload(n_extract=23, n_eval=23), "overconfident", DESCRIPTION)
     assert problems == [] and trait is not None and len(trait.extraction_questions) == 20
     assert trait.name == "overconfident" and trait.description == DESCRIPTION  # the user's, not the model's
+    assert len(trait.references) == 20  # the references of the 3 cut questions went with them
 
 
 # ---- real HTTP round trips ----------------------------------------------------------------------------------

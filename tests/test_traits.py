@@ -29,6 +29,10 @@ def test_builtin_trait_shape(name: str) -> None:
         normalize_question(q) for q in t.evaluation_questions}
     assert "{question}" in t.rubric and "{answer}" in t.rubric
     assert len(loaded.sha256) == 64
+    # authored references: every evaluation question, 2 + 2 answers each
+    assert [r.question for r in t.references] == t.evaluation_questions
+    assert all(len(r.with_trait) >= 2 and len(r.without_trait) >= 2 for r in t.references)
+    assert t.reference_for(3) is t.references[3]
 
 
 def _write(tmp_path: Path, data: dict, name: str = "mine.yaml") -> Path:
@@ -60,6 +64,12 @@ def test_user_file_loads_and_is_not_modified(tmp_path: Path) -> None:
     (lambda d: d.update(rubric="Rate {answer} from 0 to 100"), "{question}"),
     (lambda d: d.update(name="Evil Trait!"), "lowercase"),
     (lambda d: d.update(colour="red"), "colour"),
+    (lambda d: d["references"][0].update(question="Is this an evaluation question?"), "not one of the evaluation"),
+    (lambda d: d["references"].append(dict(d["references"][0])), "appears twice"),
+    (lambda d: d["references"][1].update(with_trait=d["references"][1]["with_trait"][:1]), "at least 2 answers"),
+    (lambda d: d["references"][2].update(without_trait=["Short.", "Also short."]), "match their lengths"),
+    (lambda d: d["references"][3].update(with_trait=["", "x"]), "empty answer"),
+    (lambda d: d["references"][4].pop("without_trait"), "without_trait"),
 ])
 def test_bad_trait_files_give_one_line_errors(tmp_path: Path, mutate, needle: str) -> None:
     data = _valid()
@@ -82,3 +92,9 @@ def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
     scalar.write_text("just a string\n")
     with pytest.raises(TraitError, match="expected a mapping"):
         load_trait(scalar)
+
+
+def test_references_are_optional(tmp_path: Path) -> None:
+    data = _valid()
+    data.pop("references")
+    assert load_trait(_write(tmp_path, data)).trait.references == []

@@ -226,10 +226,10 @@ def evaluate(model: Model, trait: str | Path | LoadedTrait, *, vector: PersonaVe
     done: dict[str, dict[str, Any]] = {r["cell"]: r for r in read_jsonl(folder / "cells.jsonl")} if folder else {}
     refs = reference_answers(model, loaded, s, folder, progress) if the_judge is not None else []
     q_idx = question_indices(len(loaded.trait.evaluation_questions), s.half, s.n_questions)
-    questions = [loaded.trait.evaluation_questions[q] for q in q_idx]
     plan = [(q, r) for q in q_idx for r in range(s.rollouts)]
     prompts = [encode_chat(model.tokenizer, messages_for(loaded.trait.evaluation_questions[q])) for q, _ in plan]
-    runs = [(None, vector, c) for c in dict.fromkeys(conditions)]
+    runs: list[tuple[str | None, PersonaVector | None, Condition]] = [(None, vector, c)
+                                                                      for c in dict.fromkeys(conditions)]
     runs += [(name, v, c) for name, v in ctrl.items() for c in dict.fromkeys(conditions) if c.steered]
     summaries: list[dict[str, Any]] = []
     for n, (name, vec, cond) in enumerate(runs):

@@ -60,8 +60,8 @@ def reference_measure(model: Model, trait: Trait, question_idx: Sequence[int] | 
                       system: str | None = None, batch_size: int = 16,
                       progress: Progress = no_progress) -> ReferenceResult:
     """The reference measure on the given evaluation questions (default: every one with references)."""
-    tok = model.tokenizer
     qs = reference_questions(trait, question_idx)
+    tok = model.tokenizer
     samples: list[Sample] = []
     sides: list[tuple[int, str]] = []
     for q in qs:

@@ -7,8 +7,8 @@ The generator is any function from chat messages to the reply text; three are bu
   anthropic:MODEL[@URL]    the Anthropic Messages API (POST /v1/messages, x-api-key), $ANTHROPIC_API_KEY
   local[:MODEL]            a local Hugging Face chat model (default: the embedded one), greedy decoding
 
-The reply must hold one JSON object (YAML is accepted too) with the prompt pairs, the two question sets and
-the rubric; the name and description are the user's and never the model's. Each reply is validated against
+The reply must hold one JSON object (YAML is accepted too) with the prompt pairs, the two question sets, the
+rubric and authored reference answers for every evaluation question (the independent `reference` measure); the name and description are the user's and never the model's. Each reply is validated against
 the trait schema plus the generation targets (pair count, exactly `n_questions` per set); a failing reply is
 answered with the list of problems and asked again, up to `retries` times, and then the run stops with the
 problems listed. Nothing is written until a reply validates."""
@@ -61,17 +61,23 @@ counts and what does not), contains the literal placeholders {{question}} and {{
 each, describes the 0-100 scale with a few anchor points (0 = absent, 100 = extreme), says to respond \
 REFUSAL if the answer refuses to engage, and otherwise to respond with a number between 0 and 100 and \
 nothing else.
+4. "references": for EVERY evaluation question, an object {{"question": <the question, copied exactly>, \
+"with_trait": [2 answers], "without_trait": [2 answers]}}. "with_trait" answers clearly show the trait \
+through what they say (never by announcing it); "without_trait" answers are good ordinary answers that \
+simply lack it (not its exaggerated opposite). Write them from the trait description alone, not from the \
+pairs' wording. All four answers to a question cover the same ground in 40-80 words of plain prose and are \
+similar in length.
 
 Reply with a single JSON object with exactly the keys "pairs", "extraction_questions", \
-"evaluation_questions" and "rubric" ("pairs" is a list of {{"positive": ..., "negative": ...}} objects), \
-inside one ```json code block, and nothing else."""
+"evaluation_questions", "rubric" and "references" ("pairs" is a list of {{"positive": ..., "negative": ...}} \
+objects), inside one ```json code block, and nothing else."""
 
 USER_PROMPT = 'Trait name: {name}\nTrait description: {description}'
 
 RETRY_PROMPT = """\
 Your reply cannot be used yet. Problems found:
 {problems}
-Reply again with the complete corrected JSON object (all four keys) in one ```json code block, and \
+Reply again with the complete corrected JSON object (all five keys) in one ```json code block, and \
 nothing else."""
 
 
@@ -120,7 +126,7 @@ def validate_answer(data: dict[str, Any], name: str, description: str, n_pairs: 
     """(trait, []) when the reply is usable, else (None, problems). Extra questions beyond `n_questions` are
     cut, never padded; the name and description come from the user."""
     problems: list[str] = []
-    expected = {"pairs", "extraction_questions", "evaluation_questions", "rubric"}
+    expected = {"pairs", "extraction_questions", "evaluation_questions", "rubric", "references"}
     missing = sorted(expected - data.keys())
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
@@ -137,6 +143,16 @@ def validate_answer(data: dict[str, Any], name: str, description: str, n_pairs: 
             if len(qs) < n_questions:
                 problems.append(f"{key}: exactly {n_questions} questions are needed, found {len(qs)}")
             body[key] = qs[:n_questions]
+    refs, evaluation = body.get("references"), body.get("evaluation_questions")
+    if isinstance(refs, list) and isinstance(evaluation, list):
+        kept = {" ".join(str(q).lower().split()) for q in evaluation}
+        body["references"] = [r for r in refs if not isinstance(r, dict)
+                              or " ".join(str(r.get("question", "")).lower().split()) in kept]
+        covered = {" ".join(str(r.get("question", "")).lower().split()) for r in refs if isinstance(r, dict)}
+        lacking = [q for q in evaluation if " ".join(str(q).lower().split()) not in covered]
+        if lacking:
+            problems.append(f"references: every evaluation question needs reference answers; "
+                            f"{len(lacking)} have none, e.g. {str(lacking[0])[:60]!r}")
     rubric = body.get("rubric")
     if isinstance(rubric, str) and "100" not in rubric:
         problems.append("rubric: it must ask for a score from 0 to 100")
@@ -209,7 +225,7 @@ def trait_yaml(trait: Trait, header: str = "") -> str:
     """The trait as a trait file (same key order as the built-in files), with an optional comment header."""
     data = trait.model_dump(exclude_defaults=True)
     data = {k: data[k] for k in ("name", "description", "pairs", "extraction_questions", "evaluation_questions",
-                                 "rubric", "graded_prompts") if k in data}
+                                 "rubric", "graded_prompts", "references") if k in data}
     body = yaml.dump(data, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=110,
                      default_flow_style=False)
     comment = "".join(f"# {line}\n" for line in header.splitlines())

@@ -23,13 +23,14 @@ from ..io import read_jsonl, write_text
 
 LAYER_CONVENTION = "Layer L is the output of decoder block L (1-based); layer 0 is the embeddings."
 
-CELL_COLUMNS = ["layer", "coef", "n", "trait_mean", "trait_se", "coherence_mean", "coherence_se",
+CELL_COLUMNS = ["control", "measure", "layer", "coef", "n", "trait_mean", "trait_se", "coherence_mean", "coherence_se",
                 "judge_free_mean", "judge_free_se", "perplexity", "quiz_accuracy"]
 
 EXAMPLE_QUESTIONS = 2
 EXAMPLE_ROLLOUTS = 3
 
-Row = dict[str, "float | int | None"]
+Row = dict[str, "float | int | str | None"]
+TEXT_COLUMNS = ("control", "measure", "cell")
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2330;background:#fff;
@@ -70,6 +71,8 @@ def read_cells(path: str | os.PathLike[str]) -> tuple[list[str], list[Row]]:
                 try:
                     if not text:
                         row[key] = None
+                    elif key in TEXT_COLUMNS:
+                        row[key] = text
                     elif key == "layer":
                         row[key] = int(float(text))
                     else:
@@ -106,9 +109,11 @@ def _coef(value: float) -> str:
     return f"{value:+g}" if value else "0"
 
 
-def _fmt_cell(key: str, value: float | int | None) -> str:
+def _fmt_cell(key: str, value: float | int | str | None) -> str:
     if value is None:
         return "–"
+    if isinstance(value, str):
+        return value
     if key in ("layer", "n"):
         return str(int(value))
     if key == "coef":
@@ -148,7 +153,41 @@ def _run_date(folder: Path, manifest: Mapping[str, Any] | None) -> str:
     return datetime.fromtimestamp(source.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _plots_section(rows: Sequence[Row], choice: Mapping[str, Any] | None) -> str:
+def _rise(rows: Sequence[Row], layer: Any) -> tuple[float, float, float] | None:
+    """(lowest coef, highest coef, trait measure there minus at the lowest) at one layer, or None."""
+    at = {r["coef"]: r.get("trait_mean") for r in rows if r.get("layer") == layer and r.get("trait_mean") is not None}
+    if len(at) < 2:
+        return None
+    lo, hi = min(at), max(at)  # type: ignore[type-var]
+    return float(lo), float(hi), float(at[hi]) - float(at[lo])  # type: ignore[arg-type]
+
+
+def _controls_section(own: Sequence[Row], controls: Sequence[Row], measure: str) -> str:
+    """The trait's own rise beside each control's, per layer: what makes the vector a trait direction."""
+    if not controls:
+        return ""
+    names = list(dict.fromkeys(str(r["control"]) for r in controls))
+    layers = sorted({int(v) for r in own if isinstance(v := r.get("layer"), int | float) and r.get("coef")})
+    head = "<th>layer</th><th>coefficients</th><th>vector</th>" + "".join(f"<th>{escape(n)}</th>" for n in names)
+    body = []
+    for layer in layers:
+        mine = _rise([r for r in own if r.get("coef") != 0], layer)
+        if mine is None:
+            continue
+        cells = []
+        for n in names:
+            theirs = _rise([r for r in controls if r.get("control") == n], layer)
+            cells.append("–" if theirs is None else f"{theirs[2]:+.3f}")
+        body.append(f"<tr><td>{layer}</td><td>{_coef(mine[0])} → {_coef(mine[1])}</td><td><b>{mine[2]:+.3f}</b></td>"
+                    + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return ('<h2>Controls</h2><p class="note">Rise of the trait measure (' + escape(measure) + ") from the lowest to "
+            "the highest coefficient at each layer, for the trait's vector and for each control direction at the "
+            "vector's per-layer norm (a seeded random direction; other traits' vectors). A trait direction should "
+            "rise clearly more than every control.</p>"
+            f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def _plots_section(rows: Sequence[Row], choice: Mapping[str, Any] | None, measure: str = "trait score") -> str:
     try:
         from . import plots
     except ImportError as exc:  # matplotlib is an optional extra
@@ -163,19 +202,20 @@ def _plots_section(rows: Sequence[Row], choice: Mapping[str, Any] | None) -> str
         threshold = _num(choice.get("coherence_threshold"))
     figures: list[str] = []
     specs = [
-        ("trait_mean", "trait score", None,
-         "Judge trait score (mean ± standard error over answers) against the steering coefficient."),
+        ("trait_mean", measure, None,
+         f"Trait measure ({measure}; mean ± standard error) against the steering coefficient."),
         ("coherence_mean", "coherence", threshold,
          "Coherence (mean ± standard error) against the coefficient"
          + (f"; the dotted line is the coherence threshold {threshold:g}." if threshold is not None else ".")),
-        ("judge_free_mean", "judge-free score", None,
-         "Judge-free measure (mean ± standard error) against the coefficient."),
+        ("judge_free_mean", "judge-free (prompted)", None,
+         "Prompted judge-free measure (answers the model wrote under the trait's own prompts; mean ± standard "
+         "error) against the coefficient."),
     ]
     for metric, ylabel, thr, caption in specs:
         png = plots.metric_vs_coef(rows, metric, ylabel, threshold=thr, chosen=chosen)
         if png is not None:
             figures.append(_img(png, f"{ylabel} vs coefficient", caption))
-    for metric, label in (("trait_mean", "trait score"), ("coherence_mean", "coherence")):
+    for metric, label in (("trait_mean", measure), ("coherence_mean", "coherence")):
         png = plots.heatmap(rows, metric, label=label, chosen=chosen)
         if png is not None:
             figures.append(_img(png, f"{label} heatmap",
@@ -263,7 +303,9 @@ def render_report(run_dir: str | os.PathLike[str]) -> str:
     cells_path = folder / "cells.csv"
     if not cells_path.is_file():
         raise RunError(f"{folder} has no cells.csv: run personavec sweep or eval first")
-    header, rows = read_cells(cells_path)
+    header, all_rows = read_cells(cells_path)
+    rows = [r for r in all_rows if not r.get("control")]
+    control_rows = [r for r in all_rows if r.get("control")]
     manifest = _read_json(folder / "manifest.json")
     choice = _read_json(folder / "choice.json")
     answers = read_jsonl(folder / "answers.jsonl")
@@ -272,6 +314,7 @@ def render_report(run_dir: str | os.PathLike[str]) -> str:
     trait = str(settings.get("trait") or (choice or {}).get("trait") or "unknown trait")
     kind = str(manifest.get("kind")) if manifest and manifest.get("kind") else "run"
     judge = settings.get("judge") or (choice or {}).get("judge")
+    measure = str(settings.get("measure") or judge or "trait score")
     chosen: tuple[int, float] | None = None
     if choice:
         layer, coef = _num(choice.get("best_layer")), _num(choice.get("best_coef"))
@@ -281,7 +324,9 @@ def render_report(run_dir: str | os.PathLike[str]) -> str:
     title = f"{trait} — {kind} report"
     meta = [f"kind <b>{escape(kind)}</b>", f"trait <b>{escape(trait)}</b>"]
     if judge:
-        meta.append(f"judge <b>{escape(str(judge))}</b>")
+        meta.append(f"trait measure <b>{escape(measure)}</b>"
+                    + (" (authored reference answers)" if measure == "reference" else
+                       " (built from the trait's own prompt pairs)" if measure == "contrast" else ""))
     if settings.get("vector"):
         meta.append(f"vector <code>{escape(str(settings['vector']))}</code>")
     meta.append(f"run {escape(_run_date(folder, manifest))}")
@@ -305,8 +350,9 @@ def render_report(run_dir: str | os.PathLike[str]) -> str:
             + (f' <span class="note">({escape(", ".join(extra))})</span>' if extra else "")
             + (f"<p>{escape(str(criterion))}</p>" if criterion else "") + "</div>")
 
-    sections.append(_plots_section(rows, choice))
-    sections.append(_cells_section(header, rows, chosen))
+    sections.append(_plots_section(rows, choice, measure))
+    sections.append(_controls_section(rows, control_rows, measure))
+    sections.append(_cells_section(header, all_rows, chosen))
     sections.append(_examples_section(answers, chosen))
 
     if manifest:

@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-Cell = Mapping[str, "float | int | None"]
+Cell = Mapping[str, "float | int | str | None"]  # text columns (control, measure) are never plotted
 
 LAYER_NOTE = "layer L = output of decoder block L (0 = embeddings)"
 

@@ -1,0 +1,124 @@
+"""Issue 12 experiment: does the last-prompt-token projection predict the trait, measured by the AUTHORED
+reference answers under the monitored system prompt, with graded prompts that paraphrase no prompt pair?
+
+For evil, humorous and impolite (committed vectors, read at the vector's layer fixed by its earlier sweep):
+`personavec.monitor.monitor_eval` on the trait file's graded prompts (rewritten for issue 12: persona
+descriptions such as "Reply like a schemer who …") × all 20 evaluation questions, one sampled answer per
+point for the contrast judge (reported beside, not the headline). Reported: the highest content-word overlap
+(Jaccard) of any graded prompt with any prompt pair, and Pearson r between projection and the reference
+measure across all points, over level means, and within levels (both centred on their level's mean), each
+with a 95% Fisher-z interval.
+
+    .venv/bin/python experiments/monitor_reference.py --out experiments/out/monitor_reference
+
+Resumable through the monitor run folders. Writes results.json and results.md; the per-point values are in
+each run folder's results.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import personavec as pv
+from personavec.io import write_json, write_text
+from personavec.monitor import MonitorSettings, monitor_eval
+from personavec.stats import pearson_ci
+
+TRAITS = ("evil", "humorous", "impolite")
+VECTORS = Path("experiments/out/monitor_eval")
+STOP_WORDS = ("a an the you your yours are is be to of and or in on at for with as that this it its who whom which "
+              "what every each all any their them they those these never always should make makes let lets like reply "
+              "answer from by not no do does so than then into up out over about most more very s")
+STOP = frozenset(STOP_WORDS.split(" "))
+
+
+def words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in STOP}
+
+
+def overlap(trait: Any) -> dict[str, Any]:
+    """Highest Jaccard overlap of content words between any graded prompt and any pair prompt."""
+    pairs = [getattr(p, side) for p in trait.pairs for side in ("positive", "negative")]
+    best = {"jaccard": 0.0, "graded": "", "pair": "", "shared": []}
+    for g in trait.graded_prompts:
+        for p in pairs:
+            shared = words(g) & words(p)
+            j = len(shared) / len(words(g) | words(p))
+            if j > best["jaccard"]:
+                best = {"jaccard": j, "graded": g, "pair": p, "shared": sorted(shared)}
+    return best
+
+
+def centred(points: list[dict[str, Any]], key: str) -> list[float]:
+    means: dict[int, list[float]] = {}
+    for p in points:
+        means.setdefault(p["level"], []).append(p[key])
+    return [p[key] - sum(means[p["level"]]) / len(means[p["level"]]) for p in points]
+
+
+def ci(r: tuple[float, float, float]) -> dict[str, float]:
+    return {"r": r[0], "low": r[1], "high": r[2]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("experiments/out/monitor_reference"))
+    ap.add_argument("--traits", default=",".join(TRAITS))
+    args = ap.parse_args()
+    t0 = time.time()
+    model = pv.load_model()
+    settings = MonitorSettings(n_questions=None, rollouts=1, max_new_tokens=24, temperature=1.0,
+                               conditions=("graded",), seed=0)
+    results: dict[str, Any] = {"settings": {"n_questions": 20, "levels": 8, "rollouts": 1, "max_new_tokens": 24},
+                               "traits": {}}
+    for name in args.traits.split(","):
+        loaded = pv.load_trait(name)
+        vec = pv.load_vector(VECTORS / f"{name}.pv.safetensors")
+        res = monitor_eval(model, loaded, vec, settings=settings, run_dir=args.out / f"{name}.monitor",
+                           allow_mismatch=True)
+        points = [json.loads(line) for line in (args.out / f"{name}.monitor" / "points.jsonl").read_text().splitlines()]
+        pts = [p for p in points if p.get("reference") is not None]
+        x = [p["projection"] for p in pts]
+        y = [p["reference"] for p in pts]
+        lv = res["levels"]
+        row = {"layer": res["layer"], "n_points": len(pts), "overlap": overlap(loaded.trait),
+               "r_points": ci(pearson_ci(x, y)),
+               "r_level_means": ci(pearson_ci([v["projection"] for v in lv], [v["reference"] for v in lv])),
+               "r_within_levels": ci(pearson_ci(centred(pts, "projection"), centred(pts, "reference"))),
+               "r_contrast_judge_points": res["pearson"]["trait_score"]["overall"],
+               "r_prompted_judge_free_points": res["pearson"]["judge_free"]["overall"],
+               "levels": [{"level": v["level"], "label": v["label"], "projection": v["projection"],
+                           "reference": v["reference"]} for v in lv]}
+        results["traits"][name] = row
+        print(f"{name:>9}: layer {row['layer']}, r = {row['r_points']['r']:.2f} "
+              f"[{row['r_points']['low']:.2f}, {row['r_points']['high']:.2f}] over {len(pts)} points; "
+              f"level means {row['r_level_means']['r']:.2f}; within levels {row['r_within_levels']['r']:.2f} "
+              f"[{row['r_within_levels']['low']:.2f}, {row['r_within_levels']['high']:.2f}]; max prompt overlap "
+              f"{row['overlap']['jaccard']:.2f}  [{time.time() - t0:.0f}s]", flush=True)
+    results["seconds"] = round(time.time() - t0)
+    write_json(args.out / "results.json", results)
+    write_text(args.out / "results.md", render(results))
+    print(render(results))
+
+
+def render(results: dict[str, Any]) -> str:
+    def f(c: dict[str, float]) -> str:
+        return f"{c['r']:.2f} [{c['low']:.2f}, {c['high']:.2f}]"
+
+    lines = ["| trait | layer | points | r (all points) | r (8 level means) | r (within levels) | contrast-judge r | "
+             "max graded/pair word overlap |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results["traits"].items():
+        cj = r["r_contrast_judge_points"]
+        lines.append(f"| {name} | {r['layer']} | {r['n_points']} | {f(r['r_points'])} | {f(r['r_level_means'])} | "
+                     f"{f(r['r_within_levels'])} | {'–' if cj is None else f'{cj:.2f}'} | "
+                     f"{r['overlap']['jaccard']:.2f} ({', '.join(r['overlap']['shared'])}) |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
