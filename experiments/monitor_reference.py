@@ -7,7 +7,10 @@ descriptions such as "Reply like a schemer who …") × all 20 evaluation questi
 point for the contrast judge (reported beside, not the headline). Reported: the highest content-word overlap
 (Jaccard) of any graded prompt with any prompt pair, and Pearson r between projection and the reference
 measure across all points, over level means, and within levels (both centred on their level's mean), each
-with a 95% Fisher-z interval.
+with a 95% Fisher-z interval. Added after the first evil result (raw r 0.02, level means 0.72): r within
+questions (both centred on each question's mean over the 8 prompts), which removes the between-question spread
+of the references' own likelihood gap (sd 0.40 nats/token for evil, ten times the spread between levels) and
+asks whether the projection's shift predicts the measure's shift when only the prompt changes.
 
     .venv/bin/python experiments/monitor_reference.py --out experiments/out/monitor_reference
 
@@ -54,11 +57,12 @@ def overlap(trait: Any) -> dict[str, Any]:
     return best
 
 
-def centred(points: list[dict[str, Any]], key: str) -> list[float]:
+def centred(points: list[dict[str, Any]], key: str, by: str = "level") -> list[float]:
+    """Values minus the mean of their group (`level`: within levels; `question_idx`: within questions)."""
     means: dict[int, list[float]] = {}
     for p in points:
-        means.setdefault(p["level"], []).append(p[key])
-    return [p[key] - sum(means[p["level"]]) / len(means[p["level"]]) for p in points]
+        means.setdefault(p[by], []).append(p[key])
+    return [p[key] - sum(means[p[by]]) / len(means[p[by]]) for p in points]
 
 
 def ci(r: tuple[float, float, float]) -> dict[str, float]:
@@ -86,10 +90,15 @@ def main() -> None:
         x = [p["projection"] for p in pts]
         y = [p["reference"] for p in pts]
         lv = res["levels"]
+        judged = [p for p in pts if p["trait_score"] is not None]
         row = {"layer": res["layer"], "n_points": len(pts), "overlap": overlap(loaded.trait),
                "r_points": ci(pearson_ci(x, y)),
                "r_level_means": ci(pearson_ci([v["projection"] for v in lv], [v["reference"] for v in lv])),
                "r_within_levels": ci(pearson_ci(centred(pts, "projection"), centred(pts, "reference"))),
+               "r_within_questions": ci(pearson_ci(centred(pts, "projection", "question_idx"),
+                                                   centred(pts, "reference", "question_idx"))),
+               "r_contrast_judge_within_questions": ci(pearson_ci(centred(judged, "projection", "question_idx"),
+                                                                  centred(judged, "trait_score", "question_idx"))),
                "r_contrast_judge_points": res["pearson"]["trait_score"]["overall"],
                "r_prompted_judge_free_points": res["pearson"]["judge_free"]["overall"],
                "levels": [{"level": v["level"], "label": v["label"], "projection": v["projection"],
@@ -97,7 +106,8 @@ def main() -> None:
         results["traits"][name] = row
         print(f"{name:>9}: layer {row['layer']}, r = {row['r_points']['r']:.2f} "
               f"[{row['r_points']['low']:.2f}, {row['r_points']['high']:.2f}] over {len(pts)} points; "
-              f"level means {row['r_level_means']['r']:.2f}; within levels {row['r_within_levels']['r']:.2f} "
+              f"level means {row['r_level_means']['r']:.2f}; within questions "
+              f"{row['r_within_questions']['r']:.2f}; within levels {row['r_within_levels']['r']:.2f} "
               f"[{row['r_within_levels']['low']:.2f}, {row['r_within_levels']['high']:.2f}]; max prompt overlap "
               f"{row['overlap']['jaccard']:.2f}  [{time.time() - t0:.0f}s]", flush=True)
     results["seconds"] = round(time.time() - t0)
@@ -110,12 +120,14 @@ def render(results: dict[str, Any]) -> str:
     def f(c: dict[str, float]) -> str:
         return f"{c['r']:.2f} [{c['low']:.2f}, {c['high']:.2f}]"
 
-    lines = ["| trait | layer | points | r (all points) | r (8 level means) | r (within levels) | contrast-judge r | "
-             "max graded/pair word overlap |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| trait | layer | points | r (all points) | r (8 level means) | r (within questions) | r (within levels) | "
+             "contrast-judge r (all / within questions) | max graded/pair word overlap |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["traits"].items():
         cj = r["r_contrast_judge_points"]
         lines.append(f"| {name} | {r['layer']} | {r['n_points']} | {f(r['r_points'])} | {f(r['r_level_means'])} | "
-                     f"{f(r['r_within_levels'])} | {'–' if cj is None else f'{cj:.2f}'} | "
+                     f"{f(r['r_within_questions'])} | {f(r['r_within_levels'])} | "
+                     f"{'–' if cj is None else f'{cj:.2f}'} / {r['r_contrast_judge_within_questions']['r']:.2f} | "
                      f"{r['overlap']['jaccard']:.2f} ({', '.join(r['overlap']['shared'])}) |")
     return "\n".join(lines) + "\n"
 

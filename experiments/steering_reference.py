@@ -85,17 +85,17 @@ def summary(xs: list[float]) -> dict[str, Any]:
     return {"mean": m, "se": se, "n": n, "ci95": [lo, hi]}
 
 
-def choose(cells: Cells, model: pv.Model, trait: Any, vec: pv.PersonaVector, ppl: dict[tuple[int, float], float],
-           base_ppl: float) -> dict[str, Any]:
+def choose(cells: Cells, model: pv.Model, trait: Any, vec: pv.PersonaVector,
+           ppl: dict[tuple[str, int, float], float], base_ppl: float) -> dict[str, Any]:
     grid = []
     for layer in LAYERS:
         for c in COEFS:
             for signed in (c, -c):
-                if (layer, signed) not in ppl:
+                if (trait.name, layer, signed) not in ppl:
                     with vec.steer(model, layer=layer, coef=signed, allow_mismatch=True):
-                        ppl[(layer, signed)] = perplexity(model)
+                        ppl[(trait.name, layer, signed)] = perplexity(model)
             r = rise(cells, model, trait, "own", vec, layer, c, "first")
-            ratio = max(ppl[(layer, c)], ppl[(layer, -c)]) / base_ppl
+            ratio = max(ppl[(trait.name, layer, c)], ppl[(trait.name, layer, -c)]) / base_ppl
             grid.append({"layer": layer, "coef": c, "rise": sum(r) / len(r), "ppl_ratio": ratio,
                          "kept": ratio <= PPL_MAX})
     kept = [g for g in grid if g["kept"]]
@@ -118,7 +118,7 @@ def main() -> None:
     vectors = {n: pv.load_vector(VECTORS / f"{n}.pv.safetensors") for n in builtin_traits()}
     cells = Cells(args.out / "measure.jsonl")
     ppl_path = args.out / "perplexity.jsonl"
-    ppl = {(r["layer"], r["coef"]): r["perplexity"] for r in read_jsonl(ppl_path)}
+    ppl = {(r["trait"], r["layer"], r["coef"]): r["perplexity"] for r in read_jsonl(ppl_path)}
     base_ppl = perplexity(model)
     results: dict[str, Any] = {"settings": {"layers": LAYERS, "coefs": COEFS, "ppl_max": PPL_MAX,
                                             "random_seeds": RANDOM_SEEDS, "selection_half": "first (questions 0-9)",
@@ -130,8 +130,8 @@ def main() -> None:
         trait, vec = loaded[name].trait, vectors[name]
         before = dict(ppl)
         pick = choose(cells, model, trait, vec, ppl, base_ppl)
-        append_jsonl(ppl_path, [{"layer": k[0], "coef": k[1], "perplexity": v} for k, v in ppl.items()
-                                if k not in before])
+        append_jsonl(ppl_path, [{"trait": k[0], "layer": k[1], "coef": k[2], "perplexity": v}
+                                for k, v in ppl.items() if k not in before])
         layer, c = pick["layer"], pick["coef"]
         own = rise(cells, model, trait, "own", vec, layer, c, "second")
         randoms = {f"random{s}": rise(cells, model, trait, f"random{s}", random_like(vec, s), layer, c, "second")
