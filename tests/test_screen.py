@@ -283,3 +283,29 @@ def test_ray_address_without_cluster_fails_fast_with_advice(model: pv.Model, vec
         screen(model, work / "data.jsonl", [vec], work / "ray-nowhere.csv", fast=True, chunk_size=CHUNK,
                ray=f"127.0.0.1:{port}")
     assert time.perf_counter() - t < 60
+
+
+def test_several_vectors_in_one_pass_match_one_at_a_time(model: pv.Model, vec: pv.PersonaVector,
+                                                         single: dict[str, Any], work: Path) -> None:
+    """Screening with two vectors runs the same forward passes as with one, and each ΔP column equals the
+    one-vector screen's."""
+    other = pv.random_like(vec, 3).with_meta(trait="other", best_layer=9)
+    calls = {"n": 0}
+
+    def count(*_: Any) -> None:
+        calls["n"] += 1
+
+    data = work / "data.jsonl"
+    handle = model.layers[0].register_forward_hook(count)
+    try:
+        both = screen(model, data, {"evil": vec, "other": other}, work / "both.csv", fast=True, chunk_size=CHUNK)
+        n_both, calls["n"] = calls["n"], 0
+        alone = screen(model, data, {"other": other}, work / "other.csv", fast=True, chunk_size=CHUNK)
+        n_alone = calls["n"]
+    finally:
+        handle.remove()
+    assert n_both == n_alone > 0  # one forward per batch, whatever the number of vectors
+    got, ref, ref_other = (read_scores(both.scores), read_scores(single["fast"].scores),
+                           read_scores(alone.scores))
+    np.testing.assert_allclose(got["evil_delta_p"], ref["evil_delta_p"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got["other_delta_p"], ref_other["other_delta_p"], rtol=1e-5, atol=1e-4)
