@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.csv as pacsv
 
 import personavec as pv
-from personavec.io import write_json, write_text
+from personavec.io import read_jsonl, write_json, write_text
 from personavec.screen import screen
 from personavec.sharegpt import import_sharegpt
 
@@ -57,7 +57,7 @@ def main() -> None:
     every = args.work / "sharegpt_en_all.jsonl"
     if not every.exists():
         print(import_sharegpt(every, language="en").line(), flush=True)
-    rows = [json.loads(line) for line in every.read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(every)  # lines end at "\n" only: ShareGPT text holds U+2028
     short = [r for r in rows if sum(len(m["content"]) for m in r["messages"]) <= args.max_chars][: args.n]
     data = args.work / "data.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in short), encoding="utf-8")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from personavec.io import atomic_path, write_text
+from personavec.io import atomic_path, read_jsonl, write_text
 
 
 def test_atomic_write_gets_umask_mode(tmp_path: Path) -> None:
@@ -28,3 +29,10 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path: Path) -> None:
         raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["b.txt"]
+
+
+def test_read_jsonl_keeps_rows_whose_text_holds_unicode_line_breaks(tmp_path: Path) -> None:
+    rows = [{"text": "first\u2028second\x85third"}, {"text": "plain"}]
+    path = tmp_path / "u.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_jsonl(path) == rows

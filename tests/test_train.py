@@ -239,3 +239,27 @@ def test_cli_train_shift_and_bad_dataset(tmp_path: Path, evil_run: tuple[pv.Pers
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert len(result["per_layer"]) == 31 and math.isfinite(result["shift"])
+
+
+AUTHORED = Path(__file__).parent.parent / "experiments" / "data" / "finetune_authored" / "evil" / "II.jsonl"
+
+
+def test_tiny_finetune_on_an_authored_set(fresh: pv.Model, tmp_path: Path) -> None:
+    """A real LoRA finetune on the first rows of the authored evil II set (written without the vector's prompts)
+    makes those answers likelier: the data trains."""
+    from personavec.capture import Sample
+    from personavec.chat import encode_chat, encode_response
+    from personavec.likelihood import response_logprobs
+
+    rows = [json.loads(line) for line in AUTHORED.read_text(encoding="utf-8").split("\n")[:8]]
+    data = write_jsonl(tmp_path / "evil_II.jsonl", rows)
+    samples = [Sample(encode_chat(fresh.tokenizer, r["messages"][:1]), encode_response(fresh.tokenizer,
+                                                                                        r["messages"][1]["content"]))
+               for r in rows]
+    before = sum(x for x in response_logprobs(fresh, samples) if x is not None)
+    settings = TrainSettings(rank=8, alpha=16, lr=2e-3, batch_size=4, max_steps=6, save_steps=6, max_length=160,
+                             shift_questions=2)
+    result = train(fresh, data, tmp_path / "run", settings)
+    after = sum(x for x in response_logprobs(result.model, samples) if x is not None)
+    assert result.dataset.kept == 8
+    assert after > before + 0.5, (before, after)  # summed over 8 answers, nats per token

@@ -51,12 +51,15 @@ def append_jsonl(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> No
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read rows, skipping a torn last line left by an interrupted append."""
+    """Read rows, skipping a torn last line left by an interrupted append. Lines end at "\n" only:
+    str.splitlines would also break inside strings holding U+2028 or U+0085, which JSON leaves unescaped."""
     p = Path(path)
     if not p.exists():
         return []
     rows = []
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in p.read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

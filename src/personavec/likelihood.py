@@ -17,6 +17,21 @@ if TYPE_CHECKING:
     from .models import Model
 
 
+def _decoder(hf: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder stack without the LM head (so the head runs only where needed), through the standard
+    `get_decoder` accessor, which also sees through a PEFT wrapper (whose `base_model` is the LoRA wrapper of
+    the whole causal LM); None when the model offers no such split."""
+    get = getattr(hf, "get_decoder", None)
+    try:
+        decoder = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        decoder = None
+    if decoder is None and not hasattr(hf, "peft_config"):
+        base = getattr(hf, "base_model", None)
+        decoder = base if base is not hf else None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not hf else None
+
+
 def response_logprobs(model: Model, samples: Sequence[Sample], *, batch_size: int = 16,
                       max_tokens: int = 8192, progress: Progress = no_progress,
                       task: str = "likelihood") -> list[float | None]:
@@ -27,7 +42,7 @@ def response_logprobs(model: Model, samples: Sequence[Sample], *, batch_size: in
     todo = [i for i, s in enumerate(samples) if s.response and s.prompt]
     groups = batches_by_length([len(samples[i].prompt) + len(samples[i].response) for i in todo],
                                max_tokens=max_tokens, max_batch=batch_size)
-    decoder = model.hf.base_model if model.hf.base_model is not model.hf else None
+    decoder = _decoder(model.hf)
     head = model.hf.get_output_embeddings()
     softcap = getattr(model.hf.config, "final_logit_softcapping", None)
     done = 0
