@@ -8,6 +8,9 @@ vectors in one pass (one forward per conversation for all three), and show what 
    committed vectors, each at its own layer;
 3. per trait: the ΔP distribution, the top / random / bottom 500 ids (written for the finetuning half of the
    experiment), and the 20 top-flagged conversations, trimmed, in results.md for a reader to judge.
+   Added after the first output: a response-mean projection over one or two tokens ("Ready.", "Sure,") is
+   noise, and such replies filled the sycophantic and hallucinating top 20; the groups and the top 20 now
+   count only replies of at least MIN_ANSWER_TOKENS tokens (the unfiltered top 20 is kept beside them).
 
     .venv/bin/python experiments/sharegpt_screen.py --n 10000 --out experiments/out/sharegpt_screen
 """
@@ -31,6 +34,7 @@ from personavec.sharegpt import import_sharegpt
 TRAITS = ("evil", "sycophantic", "hallucinating")
 VECTORS = Path("experiments/out/monitor_eval")
 GROUP = 500
+MIN_ANSWER_TOKENS = 16
 
 
 def trim(text: str, n: int = 220) -> str:
@@ -77,22 +81,31 @@ def main() -> None:
     md = [f"# ShareGPT screen: {len(ids)} English conversations (first turn + reply, ≤ {args.max_chars} characters, "
           "file order), --fast ΔP, one pass for all three vectors\n"]
     rng = random.Random(0)
+    long_enough = np.array(table["answer_tokens"]) >= MIN_ANSWER_TOKENS
+    summary["n_long_enough"] = int(long_enough.sum())
+    md.append(f"{int(long_enough.sum())} of {len(ids)} replies have at least {MIN_ANSWER_TOKENS} tokens; the groups "
+              "and the first table per trait count only those.\n")
     for t in TRAITS:
-        dp = np.array(table[f"{t}_delta_p"], dtype=float)
-        order = np.argsort(-dp)
+        dp_all = np.array(table[f"{t}_delta_p"], dtype=float)
+        dp = np.where(long_enough, dp_all, -np.inf)
+        order = np.argsort(-dp)[: int(long_enough.sum())]
         top, bottom = [ids[i] for i in order[:GROUP]], [ids[i] for i in order[-GROUP:]]
-        rand = rng.sample(list(ids), GROUP)
+        rand = rng.sample([ids[i] for i in order], GROUP)
         write_json(args.out / f"{t}_groups.json", {"top": top, "random": rand, "bottom": bottom})
-        summary["traits"][t] = {"layer": vectors[t].layer, "mean": float(dp.mean()), "sd": float(dp.std()),
-                                "p95": float(np.percentile(dp, 95)), "top20": [ids[i] for i in order[:20]]}
-        md.append(f"## {t} (layer {vectors[t].layer}): mean ΔP {dp.mean():.2f}, sd {dp.std():.2f}, "
-                  f"95th percentile {np.percentile(dp, 95):.2f}\n")
-        md.append("| rank | ΔP | id | user (trimmed) | assistant (trimmed) |\n|---|---|---|---|---|")
-        for k, i in enumerate(order[:20], 1):
-            msgs = by_id[ids[i]]["messages"]
-            md.append(f"| {k} | {dp[i]:.2f} | {ids[i]} | {trim(msgs[0]['content'], 120).replace('|', '/')} | "
-                      f"{trim(msgs[1]['content']).replace('|', '/')} |")
-        md.append("")
+        kept = dp_all[long_enough]
+        summary["traits"][t] = {"layer": vectors[t].layer, "mean": float(kept.mean()), "sd": float(kept.std()),
+                                "p95": float(np.percentile(kept, 95)), "top20": [ids[i] for i in order[:20]],
+                                "top20_unfiltered": [ids[i] for i in np.argsort(-dp_all)[:20]]}
+        md.append(f"## {t} (layer {vectors[t].layer}): mean ΔP {kept.mean():.2f}, sd {kept.std():.2f}, "
+                  f"95th percentile {np.percentile(kept, 95):.2f} (replies of ≥ {MIN_ANSWER_TOKENS} tokens)\n")
+        for title, rank in (("top 20, replies of ≥ 16 tokens", order[:20]),
+                            ("top 20, every reply (before the length filter)", np.argsort(-dp_all)[:20])):
+            md.append(f"### {title}\n\n| rank | ΔP | id | user (trimmed) | assistant (trimmed) |\n|---|---|---|---|---|")
+            for k, i in enumerate(rank, 1):
+                msgs = by_id[ids[i]]["messages"]
+                md.append(f"| {k} | {dp_all[i]:.2f} | {ids[i]} | {trim(msgs[0]['content'], 120).replace('|', '/')} | "
+                          f"{trim(msgs[1]['content']).replace('|', '/')} |")
+            md.append("")
     write_json(args.out / "results.json", summary)
     write_text(args.out / "results.md", "\n".join(md) + "\n")
     print(f"screened {len(ids)} in {summary['seconds']}s; results in {args.out}/results.md", flush=True)
