@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 import personavec as pv
 from personavec.capability import perplexity
 from personavec.io import append_jsonl, read_jsonl, write_json, write_text
 from personavec.reference import reference_measure
 from personavec.screen import screen
+from personavec.screening.stats import mean_ci
 from personavec.training import TrainSettings, attach_adapter, train
 from personavec.training.shift import eval_prompts, last_prompt_means, project
 
@@ -41,13 +41,9 @@ SETTINGS = dict(rank=32, alpha=64, rslora=True, lr=3e-4, epochs=2.0, batch_size=
 
 
 def t_interval(xs: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): 95% t interval over seeds."""
-    a = np.asarray(xs, dtype=float)
-    m = float(a.mean())
-    if len(a) < 2:
-        return m, float("nan"), float("nan")
-    h = float(sps.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a)))
-    return m, m - h, m + h
+    """(mean, low, high): 95% t interval over seeds, from the screening statistics."""
+    ci = mean_ci(np.asarray(xs, dtype=float))
+    return ci["mean"], ci["ci_low"], ci["ci_high"]
 
 
 def main() -> None:

@@ -21,14 +21,15 @@ each run folder's results.csv.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import personavec as pv
-from personavec.io import write_json, write_text
+from personavec.io import read_jsonl, write_json, write_text
 from personavec.monitor import MonitorSettings, monitor_eval
 from personavec.stats import pearson_ci
 
@@ -65,6 +66,14 @@ def centred(points: list[dict[str, Any]], key: str, by: str = "level") -> list[f
     return [p[key] - sum(means[p[by]]) / len(means[p[by]]) for p in points]
 
 
+def sd_of_means(points: list[dict[str, Any]], by: str) -> float:
+    """Spread (population sd) of the reference measure's group means: between questions or between levels."""
+    groups: dict[int, list[float]] = {}
+    for p in points:
+        groups.setdefault(p[by], []).append(p["reference"])
+    return float(np.std([sum(v) / len(v) for v in groups.values()]))
+
+
 def ci(r: tuple[float, float, float]) -> dict[str, float]:
     return {"r": r[0], "low": r[1], "high": r[2]}
 
@@ -85,7 +94,7 @@ def main() -> None:
         vec = pv.load_vector(VECTORS / f"{name}.pv.safetensors")
         res = monitor_eval(model, loaded, vec, settings=settings, run_dir=args.out / f"{name}.monitor",
                            allow_mismatch=True)
-        points = [json.loads(line) for line in (args.out / f"{name}.monitor" / "points.jsonl").read_text().splitlines()]
+        points = read_jsonl(args.out / f"{name}.monitor" / "points.jsonl")
         pts = [p for p in points if p.get("reference") is not None]
         x = [p["projection"] for p in pts]
         y = [p["reference"] for p in pts]
@@ -99,6 +108,7 @@ def main() -> None:
                                                    centred(pts, "reference", "question_idx"))),
                "r_contrast_judge_within_questions": ci(pearson_ci(centred(judged, "projection", "question_idx"),
                                                                   centred(judged, "trait_score", "question_idx"))),
+               "sd_question_means": sd_of_means(pts, "question_idx"), "sd_level_means": sd_of_means(pts, "level"),
                "r_contrast_judge_points": res["pearson"]["trait_score"]["overall"],
                "r_prompted_judge_free_points": res["pearson"]["judge_free"]["overall"],
                "levels": [{"level": v["level"], "label": v["label"], "projection": v["projection"],

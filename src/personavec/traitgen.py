@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from .errors import PersonavecError, TraitError
 from .io import write_text
 from .progress import Progress, no_progress
-from .traits.schema import MIN_PAIRS, NAME_RE, Trait
+from .traits.schema import MIN_PAIRS, NAME_RE, Trait, normalize_question
 
 if TYPE_CHECKING:
     from .models import Model
@@ -145,11 +145,11 @@ def validate_answer(data: dict[str, Any], name: str, description: str, n_pairs: 
             body[key] = qs[:n_questions]
     refs, evaluation = body.get("references"), body.get("evaluation_questions")
     if isinstance(refs, list) and isinstance(evaluation, list):
-        kept = {" ".join(str(q).lower().split()) for q in evaluation}
+        kept = {normalize_question(str(q)) for q in evaluation}
         body["references"] = [r for r in refs if not isinstance(r, dict)
-                              or " ".join(str(r.get("question", "")).lower().split()) in kept]
-        covered = {" ".join(str(r.get("question", "")).lower().split()) for r in refs if isinstance(r, dict)}
-        lacking = [q for q in evaluation if " ".join(str(q).lower().split()) not in covered]
+                              or normalize_question(str(r.get("question", ""))) in kept]
+        covered = {normalize_question(str(r.get("question", ""))) for r in refs if isinstance(r, dict)}
+        lacking = [q for q in evaluation if normalize_question(str(q)) not in covered]
         if lacking:
             problems.append(f"references: every evaluation question needs reference answers; "
                             f"{len(lacking)} have none, e.g. {str(lacking[0])[:60]!r}")
