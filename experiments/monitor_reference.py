@@ -31,7 +31,7 @@ import numpy as np
 import personavec as pv
 from personavec.io import read_jsonl, write_json, write_text
 from personavec.monitor import MonitorSettings, monitor_eval
-from personavec.stats import pearson_ci
+from personavec.stats import centre, pearson_ci
 
 TRAITS = ("evil", "humorous", "impolite")
 VECTORS = Path("experiments/out/monitor_eval")
@@ -59,11 +59,8 @@ def overlap(trait: Any) -> dict[str, Any]:
 
 
 def centred(points: list[dict[str, Any]], key: str, by: str = "level") -> list[float]:
-    """Values minus the mean of their group (`level`: within levels; `question_idx`: within questions)."""
-    means: dict[int, list[float]] = {}
-    for p in points:
-        means.setdefault(p[by], []).append(p[key])
-    return [p[key] - sum(means[p[by]]) / len(means[p[by]]) for p in points]
+    """`key` minus its mean within each `by` group (`level`: within levels; `question_idx`: within questions)."""
+    return centre([p[key] for p in points], [p[by] for p in points])
 
 
 def sd_of_means(points: list[dict[str, Any]], by: str) -> float:

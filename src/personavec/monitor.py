@@ -21,8 +21,8 @@ The prompt is run once with the KV cache: its last position gives the projection
 and answers are then scored as continuations of that cache.
 
 Results: Pearson r overall and within each condition for every measure (per point, over per-level means,
-and within levels: both variables centred on their level's mean, so prompt identity alone cannot drive it), a threshold on the projection calibrated to separate answers the judge scores at or above its
-neutral point from those below (fitted on even-indexed questions, checked on odd ones, then refitted on
+and within levels: both variables centred on their level's mean, so prompt identity alone cannot drive it),
+a threshold on the projection calibrated to separate answers the judge scores at or above its neutral point from those below (fitted on even-indexed questions, checked on odd ones, then refitted on
 all), and the `meta["monitor"]` block the server reads to flag requests.
 
 Run folder (resumable; finished points are never recomputed): manifest.json, shots.jsonl,
@@ -53,6 +53,7 @@ from .models import last_logits_kwargs
 from .progress import Progress, no_progress
 from .projection import directions, watch
 from .runs import open_run, settings_hash
+from .stats import centre
 from .traits import LoadedTrait, load_trait
 from .vectors import PersonaVector, now_iso
 
@@ -301,18 +302,9 @@ def _authored(model: Model, loaded: LoadedTrait) -> dict[int, tuple[list[list[in
 def within_levels(points: Sequence[dict[str, Any]], measure: str) -> float | None:
     """Pearson r after centring projection and measure on their (condition, level) means: what the
     projection says about a question beyond which prompt it was asked under."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for p in points:
-        if p.get(measure) is not None and p.get("projection") is not None:
-            groups.setdefault((p["condition"], p["level"]), []).append(p)
-    xs: list[float] = []
-    ys: list[float] = []
-    for sub in groups.values():
-        mx = sum(p["projection"] for p in sub) / len(sub)
-        my = sum(p[measure] for p in sub) / len(sub)
-        xs += [p["projection"] - mx for p in sub]
-        ys += [p[measure] - my for p in sub]
-    return pearson(xs, ys)
+    pts = [p for p in points if p.get(measure) is not None and p.get("projection") is not None]
+    level = [(p["condition"], p["level"]) for p in pts]
+    return pearson(centre([p["projection"] for p in pts], level), centre([p[measure] for p in pts], level))
 
 
 # ---- the experiment ----------------------------------------------------------------------------------------
@@ -434,9 +426,10 @@ def summarize(points: Sequence[dict[str, Any]], *, layer: int, judge: Judge, ide
             r_levels[m][scope] = pearson([x["projection"] for x in sub_levels], [x[m] for x in sub_levels])
             r_within[m][scope] = within_levels(sub, m)
     headline = "reference" if any(p.get("reference") is not None for p in points) else "trait_score"
+    measure = "reference" if headline == "reference" else judge.name
     r_response = pearson([v for p in points for v in p["response_projections"]],
                          [s for p in points for s in p["trait_scores"]])
-    profile = {m: {scope: [pearson([p["profile"][ly - 1] for p in sub], [p[m] for p in sub])
+    profile = {m: {scope: [pearson([p["profile"][ly - 1] for p in sub], [p.get(m) for p in sub])
                            for ly in range(1, n_layers + 1)] for scope, sub in _scopes(points).items()}
                for m in measures}
     prompt_cal = calibrate(points, lambda p: [p["projection"]] * len(p["trait_scores"]), judge.threshold)
@@ -445,8 +438,7 @@ def summarize(points: Sequence[dict[str, Any]], *, layer: int, judge: Judge, ide
                     "threshold": prompt_cal["threshold"], "response_threshold": response_cal["threshold"],
                     "balanced_accuracy": prompt_cal["balanced_accuracy"],
                     "heldout_balanced_accuracy": prompt_cal["heldout_balanced_accuracy"],
-                    "measure": "reference" if headline == "reference" else judge.name,
-                    "r": r[headline]["overall"], "r_graded": r[headline].get("graded"),
+                    "measure": measure, "r": r[headline]["overall"], "r_graded": r[headline].get("graded"),
                     "r_many_shot": r[headline].get("many_shot"), "r_judge": r["trait_score"]["overall"],
                     "r_judge_free": r["judge_free"]["overall"], "judge": judge.name,
                     "judge_threshold": judge.threshold, "n_answers": prompt_cal["n_answers"],
@@ -454,8 +446,7 @@ def summarize(points: Sequence[dict[str, Any]], *, layer: int, judge: Judge, ide
     return {"trait": identity["trait"], "model_id": identity["model_id"], "fingerprint": identity["fingerprint"],
             "vector_digest": identity["vector_digest"], "layer": layer, "judge": judge.name,
             "judge_threshold": judge.threshold, "settings": identity, "n_points": len(points),
-            "measure": "reference" if headline == "reference" else judge.name,
-            "pearson": r, "pearson_levels": r_levels, "pearson_within_levels": r_within,
+            "measure": measure, "pearson": r, "pearson_levels": r_levels, "pearson_within_levels": r_within,
             "pearson_response_projection": r_response,
             "levels": lv, "calibration": {"prompt": prompt_cal, "response": response_cal},
             "layer_profile": {"note": "diagnostic only: the reading layer was fixed before the run", **profile},

@@ -22,6 +22,15 @@ def mean_se(values: Sequence[float | None]) -> tuple[float | None, float | None,
     return m, math.sqrt(var / len(xs)), len(xs)
 
 
+def centre(values: Sequence[float], groups: Sequence[object]) -> list[float]:
+    """Each value minus the mean of its group: what is left once the group (a prompt level, a question)
+    is accounted for."""
+    sums: dict[object, list[float]] = {}
+    for v, g in zip(values, groups, strict=True):
+        sums.setdefault(g, []).append(v)
+    return [v - sum(sums[g]) / len(sums[g]) for v, g in zip(values, groups, strict=True)]
+
+
 def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_boot: int = 10_000,
                  seed: int = 0) -> tuple[float, float]:
     """Percentile interval of the mean, resampling items (questions) with replacement."""
