@@ -30,6 +30,7 @@ from personavec.controls import matched_norm, random_like
 from personavec.evaluate import question_indices
 from personavec.io import append_jsonl, read_jsonl, write_json, write_text
 from personavec.reference import reference_measure
+from personavec.runs import open_run
 from personavec.stats import bootstrap_ci, mean_se
 from personavec.traits import builtin_traits
 
@@ -116,6 +117,11 @@ def main() -> None:
     names = args.traits.split(",")
     loaded = {n: pv.load_trait(n) for n in builtin_traits()}
     vectors = {n: pv.load_vector(VECTORS / f"{n}.pv.safetensors") for n in builtin_traits()}
+    # the cached cells are only valid for these vectors, references, model and grid: a change is refused
+    open_run(args.out, "steering_reference", {
+        "layers": LAYERS, "coefs": COEFS, "ppl_max": PPL_MAX, "random_seeds": RANDOM_SEEDS,
+        "fingerprint": model.fingerprint, "vectors": {n: v.digest() for n, v in vectors.items()},
+        "references": {n: [r.model_dump() for r in t.trait.references] for n, t in loaded.items()}})
     cells = Cells(args.out / "measure.jsonl")
     ppl_path = args.out / "perplexity.jsonl"
     ppl = {(r["trait"], r["layer"], r["coef"]): r["perplexity"] for r in read_jsonl(ppl_path)}

@@ -234,7 +234,7 @@ def evaluate(model: Model, trait: str | Path | LoadedTrait, *, vector: PersonaVe
     summaries: list[dict[str, Any]] = []
     for n, (name, vec, cond) in enumerate(runs):
         progress("conditions", n, len(runs))
-        cell = cond.cell if name is None else f"{name}:{cond.cell}"
+        cell = _cell(name, cond)
         if cell in done:
             summaries.append({**done[cell], "layer": cond.layer, "coef": cond.coef})
             continue
@@ -257,6 +257,11 @@ def evaluate(model: Model, trait: str | Path | LoadedTrait, *, vector: PersonaVe
     return result
 
 
+def _cell(control: str | None, cond: Condition) -> str:
+    """A cell's key in the run folder: the condition's, prefixed by the control's name for control rows."""
+    return cond.cell if control is None else f"{control}:{cond.cell}"
+
+
 def _expand(summaries: list[dict[str, Any]], conditions: Sequence[Condition],
             controls: Mapping[str, PersonaVector]) -> list[dict[str, Any]]:
     """One row per requested condition and vector; the shared unsteered cell is repeated with each layer's
@@ -265,7 +270,7 @@ def _expand(summaries: list[dict[str, Any]], conditions: Sequence[Condition],
     rows = []
     for name in [None, *controls]:
         for c in conditions:
-            key = c.cell if name is None or not c.steered else f"{name}:{c.cell}"
+            key = _cell(name if c.steered else None, c)
             if key in by_cell and (name is None or c.steered):
                 rows.append({**by_cell[key], "layer": c.layer, "coef": c.coef, "control": name})
     return rows
