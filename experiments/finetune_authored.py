@@ -96,7 +96,7 @@ def main() -> None:
 
 def summarize(out: Path, rows: list[dict[str, Any]]) -> None:
     result: dict[str, Any] = {"settings": SETTINGS, "traits": {}}
-    lines = ["| trait | set | seeds | reference measure [95% t CI over seeds] | shift | perplexity | dataset ΔP |",
+    lines = ["| trait | set | seeds | reference measure [95% t CI over seeds] | shift [95% t CI] | perplexity | dataset ΔP |",
              "|---|---|---|---|---|---|---|"]
     for trait in dict.fromkeys(r["trait"] for r in rows):
         mine = [r for r in rows if r["trait"] == trait]
@@ -104,11 +104,12 @@ def summarize(out: Path, rows: list[dict[str, Any]]) -> None:
         for name in dict.fromkeys(r["set"] for r in mine):
             sub = [r for r in mine if r["set"] == name]
             m, lo, hi = t_interval([r["reference"] for r in sub])
-            res[name] = {"n": len(sub), "reference": [m, lo, hi], "shift": float(np.mean([r["shift"] for r in sub])),
+            res[name] = {"n": len(sub), "reference": [m, lo, hi], "shift": list(t_interval([r["shift"] for r in sub])),
                          "perplexity": float(np.mean([r["perplexity"] for r in sub])),
                          "dataset_delta_p": sub[0].get("dataset_delta_p")}
             dp = res[name]["dataset_delta_p"]
-            lines.append(f"| {trait} | {name} | {len(sub)} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] | {res[name]['shift']:+.3f} | "
+            sm, slo, shi = res[name]["shift"]
+            lines.append(f"| {trait} | {name} | {len(sub)} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] | {sm:+.1f} [{slo:+.1f}, {shi:+.1f}] | "
                          f"{res[name]['perplexity']:.2f} | {'–' if dp is None else f'{dp:.2f}'} |")
         by_seed = {r["seed"]: r for r in mine if r["set"] == "normal"}
         diffs = [r["reference"] - by_seed[r["seed"]]["reference"] for r in mine if r["set"] == "II" and r["seed"] in by_seed]
