@@ -1,17 +1,28 @@
-"""Issue 13, CPU-sized start: does finetuning on the AUTHORED trait data raise the trait, measured by the
-reference measure (authored answers the finetuning data never contained), and does the finetuning shift along
-the vector follow it?
+"""Issue 13: does finetuning on the AUTHORED trait data raise the trait, measured by the reference measure
+(authored answers the finetuning data never contained); do the finetuning shift along the vector and the
+dataset's ΔP before training predict it; and does the vaccine hold?
 
-For each trait × set × seed: a LoRA finetune of the embedded model (float32) on
+For each trait × set × condition × seed: a LoRA finetune of the embedded model (float32) on
 `experiments/data/finetune_authored/<trait>/<set>.jsonl`; then, on the merged model: the reference measure on
-all 20 evaluation questions (per question), neutral-text perplexity, and the finetuning shift (mean
-last-prompt activation on the evaluation prompts minus the base model's, on the unit vector at its layer).
-Before training: the dataset's mean --fast ΔP (the screening prediction). Settings fixed before the first run.
+all 20 evaluation questions (per question), neutral-text perplexity, the 40-item quiz, and the finetuning shift
+(mean last-prompt activation on the evaluation prompts minus the base model's, on the unit vector at its
+layer) beside the same shift on five random unit directions (mean |projection|: the control). Before training:
+the dataset's mean --fast ΔP (the screening prediction). Settings fixed before the first run.
 
-    .venv/bin/python experiments/finetune_authored.py --traits evil --sets normal,II --seeds 0,1,2
+    .venv/bin/python experiments/finetune_authored.py --traits evil --sets normal,I,II,mix025,mix050,mix075
+    .venv/bin/python experiments/finetune_authored.py --traits evil --sets normal,II --vaccine
 
-Resumable: each finished finetune appends one row to runs.jsonl and is skipped on a rerun.
-Writes results.json and results.md (per-set means with 95% t intervals over seeds; II − normal paired by seed).
+Conditions (--vaccine, on the II set; (c) of the issue): preventative steering (+coef × v at the vector's layer,
+every token, training only), the projection penalty, CAFT (the direction ablated at every layer while
+training) and inference-time steering of the plain II finetune (−coef × v on response positions). Each
+coefficient grid runs at seed 0; the coefficient is chosen on evaluation questions 0–9 (largest removal share
+with perplexity ≤ 1.05 × the plain II finetune's, else the cheapest), then run at the other seeds; removal
+share and perplexity cost are reported on questions 10–19 with t intervals over seeds. Removal share =
+1 − (condition − normal) / (II − normal), each finetune compared with the normal and II finetunes of its seed.
+
+Resumable: each finished finetune appends one row to runs.jsonl and is skipped on a rerun; `--fill` adds the
+quiz and the random-direction shift to rows from before they were measured (adapters in --work).
+Writes results.json and results.md.
 """
 
 from __future__ import annotations
@@ -20,24 +31,33 @@ import argparse
 import copy
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import personavec as pv
-from personavec.capability import perplexity
-from personavec.io import append_jsonl, read_jsonl, write_json, write_text
+from personavec.capability import capability
+from personavec.controls import random_like
+from personavec.io import append_jsonl, read_jsonl, write_json, write_jsonl, write_text
+from personavec.models import Model
 from personavec.reference import reference_measure
 from personavec.screen import screen
 from personavec.screening.stats import mean_ci
-from personavec.training import TrainSettings, attach_adapter, train
+from personavec.stats import pearson_bootstrap_ci
+from personavec.training import Interventions, TrainSettings, attach_adapter, train
 from personavec.training.shift import eval_prompts, last_prompt_means, project
+from personavec.vectors import PersonaVector
 
 DATA = Path("experiments/data/finetune_authored")
 VECTORS = Path("experiments/out/monitor_eval")
-SETTINGS = dict(rank=32, alpha=64, rslora=True, lr=3e-4, epochs=2.0, batch_size=8, max_length=192, save_steps=1000,
+SETTINGS: dict[str, Any] = dict(rank=32, alpha=64, rslora=True, lr=3e-4, epochs=2.0, batch_size=8, max_length=192, save_steps=1000,
                 shift_questions=2)
+HALF_A, HALF_B = range(0, 10), range(10, 20)  # choose on A, report on B
+PPL_CAP = 1.05
+RANDOM_SEEDS = range(5)
+GRIDS: dict[str, tuple[float, ...]] = {"prevent": (0.5, 1.0, 2.0, 4.0), "penalty": (0.1, 1.0), "infer": (0.5, 1.0, 2.0, 4.0)}
 
 
 def t_interval(xs: list[float]) -> tuple[float, float, float]:
@@ -46,81 +66,302 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
     return ci["mean"], ci["ci_low"], ci["ci_high"]
 
 
+def condition_of(row: dict[str, Any]) -> str:
+    return str(row.get("condition", "plain"))
+
+
+def interventions_for(condition: str, vec: PersonaVector) -> Interventions:
+    """'plain', 'caft', 'prevent:C' or 'penalty:W' → what the trainer does."""
+    kind, _, value = condition.partition(":")
+    if kind == "prevent":
+        return Interventions(preventative=vec, coef=float(value))
+    if kind == "penalty":
+        return Interventions(penalty=float(value), penalty_vector=vec)
+    if kind == "caft":
+        return Interventions(ablate=vec)
+    return Interventions()
+
+
+class Bench:
+    """The base model, one trait's vector and what every finetune is compared with."""
+
+    def __init__(self, base: Model, trait: str, data: Path = DATA) -> None:
+        self.base, self.trait, self.data = base, trait, data
+        self.loaded = pv.load_trait(trait)
+        self.vec = pv.load_vector(VECTORS / f"{trait}.pv.safetensors")
+        self.randoms = [random_like(self.vec, seed=s) for s in RANDOM_SEEDS]
+        self.prompts = eval_prompts(base, self.loaded)
+        self.base_means = last_prompt_means(base, self.prompts)
+
+    def measure(self, model: Model, steer_coef: float = 0.0) -> dict[str, Any]:
+        """Trait, capability and shift of a (merged) model; steer_coef ≠ 0 steers its responses while measured."""
+        handle = self.vec.steer(model, coef=steer_coef, allow_mismatch=True)
+        try:
+            ref = reference_measure(model, self.loaded.trait)
+            cap = capability(model)
+        finally:
+            handle.remove()
+        means = last_prompt_means(model, self.prompts)
+        layer = self.vec.layer
+        rand = [abs(float(project(means, self.base_means, r)[layer] or 0.0)) for r in self.randoms]
+        return {"reference": ref.mean, "reference_per_question": ref.gaps,
+                "reference_questions": [g.question_idx for g in ref.questions], "perplexity": cap["perplexity"],
+                "quiz": cap["quiz_accuracy"], "shift": project(means, self.base_means, self.vec)[layer],
+                "shift_random_abs": float(np.mean(rand))}
+
+    def finetuned(self, folder: Path) -> Model:
+        return attach_adapter(copy.deepcopy(self.base), folder, merge=True, allow_mismatch=True)
+
+
+def folder_name(trait: str, name: str, condition: str, seed: int) -> str:
+    tag = "" if condition == "plain" else "_" + condition.replace(":", "")
+    return f"{trait}_{name}{tag}_s{seed}"
+
+
+def run_one(bench: Bench, name: str, condition: str, seed: int, work: Path, runs_path: Path,
+            dataset_dp: float | None) -> dict[str, Any]:
+    """Finetune (or, for infer:C, steer the plain finetune), measure, append the row."""
+    t = time.time()
+    kind, _, value = condition.partition(":")
+    if kind == "infer":
+        model = bench.finetuned(work / folder_name(bench.trait, name, "plain", seed))
+        row = bench.measure(model, steer_coef=-float(value))
+    else:
+        folder = work / folder_name(bench.trait, name, condition, seed)
+        shutil.rmtree(folder, ignore_errors=True)
+        train(copy.deepcopy(bench.base), bench.data / bench.trait / f"{name}.jsonl", folder,
+              TrainSettings(seed=seed, **SETTINGS), interventions_for(condition, bench.vec),
+              allow_mismatch=True)
+        row = bench.measure(bench.finetuned(folder))
+    row.update(trait=bench.trait, set=name, condition=condition, seed=seed, dataset_delta_p=dataset_dp,
+               train_seconds=round(time.time() - t, 1))
+    append_jsonl(runs_path, [row])
+    print(f"{bench.trait} {name} {condition} seed {seed}: reference {row['reference']:+.4f}, shift "
+          f"{row['shift']:+.3f} (random {row['shift_random_abs']:.3f}), perplexity {row['perplexity']:.2f}, quiz "
+          f"{row['quiz']:.3f} [{row['train_seconds']:.0f}s]", flush=True)
+    return row
+
+
+def half_mean(row: dict[str, Any], half: range) -> float:
+    gaps = [g for q, g in zip(question_ids(row), row["reference_per_question"], strict=True) if q in half]
+    return float(np.mean(gaps))
+
+
+def question_ids(row: dict[str, Any]) -> list[int]:
+    """The evaluation questions behind the per-question gaps (older rows: all 20, in order)."""
+    return list(row.get("reference_questions", range(len(row["reference_per_question"]))))
+
+
+def removal(row: dict[str, Any], normal: dict[str, Any], plain: dict[str, Any], half: range) -> float:
+    n = half_mean(normal, half)
+    return 1.0 - (half_mean(row, half) - n) / (half_mean(plain, half) - n)
+
+
+def choose(rows: list[dict[str, Any]], kind: str, seed: int) -> str | None:
+    """The coefficient chosen on half A at `seed` (None until the whole grid is measured)."""
+    by = {(r["set"], condition_of(r), r["seed"]): r for r in rows}
+    normal, plain = by.get(("normal", "plain", seed)), by.get(("II", "plain", seed))
+    grid = [by.get(("II", f"{kind}:{c:g}", seed)) for c in GRIDS[kind]]
+    if normal is None or plain is None or any(g is None for g in grid):
+        return None
+    cands = [(removal(g, normal, plain, HALF_A), -g["perplexity"], condition_of(g)) for g in grid if g is not None]
+    ok = [c for c in cands if -c[1] <= PPL_CAP * plain["perplexity"]]
+    return max(ok)[2] if ok else max(cands, key=lambda c: c[1])[2]
+
+
+def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: float | None) -> None:
+    """(c): grids at the first seed, the chosen coefficient (and CAFT) at every seed."""
+    def done() -> dict[tuple[str, str, int], dict[str, Any]]:
+        return {(r["set"], condition_of(r), r["seed"]): r for r in read_jsonl(runs_path) if r["trait"] == bench.trait}
+
+    def ensure(condition: str, seed: int) -> None:
+        if ("II", condition, seed) not in done():
+            run_one(bench, "II", condition, seed, work, runs_path, dp)
+
+    for kind in ("infer", "prevent", "penalty"):  # inference first: no training, the cheapest
+        for c in GRIDS[kind]:
+            ensure(f"{kind}:{c:g}", seeds[0])
+        chosen = choose(list(done().values()), kind, seeds[0])
+        assert chosen is not None
+        print(f"{bench.trait} {kind}: chosen on questions 0–9 at seed {seeds[0]}: {chosen}", flush=True)
+        for seed in seeds[1:]:
+            ensure(chosen, seed)
+    for seed in seeds:
+        ensure("caft", seed)
+
+
+def fill(bench: Bench, runs_path: Path, work: Path) -> None:
+    """Measure the quiz and the random-direction shift for rows from before they were recorded."""
+    rows = read_jsonl(runs_path)
+    changed = False
+    for row in rows:
+        if row["trait"] != bench.trait or "quiz" in row:
+            continue
+        if row["set"] == "base":
+            model = bench.base
+        else:
+            model = bench.finetuned(work / folder_name(bench.trait, row["set"], condition_of(row), row["seed"]))
+        m = bench.measure(model)
+        drift = abs(m["reference"] - row["reference"])
+        print(f"fill {row['set']} seed {row['seed']}: quiz {m['quiz']:.3f}, random shift "
+              f"{m['shift_random_abs']:.3f}; reference remeasured {m['reference']:+.5f} (stored "
+              f"{row['reference']:+.5f}, drift {drift:.1e})", flush=True)
+        row.update(quiz=m["quiz"], shift_random_abs=m["shift_random_abs"], condition=condition_of(row))
+        changed = True
+    if changed:
+        write_jsonl(runs_path, rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("experiments/out/finetune_authored"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/personavec-finetune-authored"))
+    ap.add_argument("--data", type=Path, default=DATA, help="folder of <trait>/<set>.jsonl finetuning sets")
     ap.add_argument("--traits", default="evil")
     ap.add_argument("--sets", default="normal,II")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--vaccine", action="store_true", help="run (c) on the II set after the plain finetunes")
+    ap.add_argument("--fill", action="store_true", help="measure quiz and random shift for older rows")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="2 training steps and 2-point grids: a smoke test")
     args = ap.parse_args()
+    if args.quick:
+        SETTINGS["max_steps"] = 2
+        for kind, grid in GRIDS.items():
+            GRIDS[kind] = grid[:2]
     args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    base = pv.load_model(dtype="float32")
     runs_path = args.out / "runs.jsonl"
-    done = {(r["trait"], r["set"], r["seed"]) for r in read_jsonl(runs_path)}
-    for trait in args.traits.split(","):
-        loaded = pv.load_trait(trait)
-        vec = pv.load_vector(VECTORS / f"{trait}.pv.safetensors")
-        prompts = eval_prompts(base, loaded)
-        base_means = last_prompt_means(base, prompts)
-        base_ref = reference_measure(base, loaded.trait)
-        base_row = {"trait": trait, "set": "base", "seed": None, "reference": base_ref.mean,
-                    "reference_per_question": base_ref.gaps, "perplexity": perplexity(base), "shift": 0.0}
-        if (trait, "base", None) not in done:
-            append_jsonl(runs_path, [base_row])
-        for name in args.sets.split(","):
-            data = DATA / trait / f"{name}.jsonl"
-            dp = screen(base, data, [vec], args.work / f"{trait}_{name}_dp.csv", fast=True, histograms=False)
-            for seed in (int(s) for s in args.seeds.split(",")):
-                if (trait, name, seed) in done:
-                    continue
-                folder = args.work / f"{trait}_{name}_s{seed}"
-                shutil.rmtree(folder, ignore_errors=True)
-                t = time.time()
-                train(copy.deepcopy(base), data, folder, TrainSettings(seed=seed, **SETTINGS))  # type: ignore[arg-type]
-                ft = attach_adapter(copy.deepcopy(base), folder, merge=True, allow_mismatch=True)
-                ref = reference_measure(ft, loaded.trait)
-                shift = project(last_prompt_means(ft, prompts), base_means, vec)[vec.layer]
-                row = {"trait": trait, "set": name, "seed": seed, "reference": ref.mean,
-                       "reference_per_question": ref.gaps, "perplexity": perplexity(ft), "shift": shift,
-                       "dataset_delta_p": dp.summary["traits"][vec.trait]["delta_p"]["mean"],
-                       "train_seconds": round(time.time() - t, 1)}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.report_only:
+        base = pv.load_model(dtype="float32")
+        for trait in args.traits.split(","):
+            bench = Bench(base, trait, args.data)
+            if args.fill:
+                fill(bench, runs_path, args.work)
+            done = {(r["trait"], r["set"], condition_of(r), r["seed"]) for r in read_jsonl(runs_path)}
+            if (trait, "base", "plain", None) not in done:
+                row = bench.measure(base)
+                row.update(trait=trait, set="base", condition="plain", seed=None)
                 append_jsonl(runs_path, [row])
-                print(f"{trait} {name} seed {seed}: reference {ref.mean:+.4f} (base {base_ref.mean:+.4f}), "
-                      f"shift {shift:+.3f}, perplexity {row['perplexity']:.2f}, dataset ΔP "
-                      f"{row['dataset_delta_p']:.2f} [{time.time() - t0:.0f}s]", flush=True)
-                del ft
+            dps: dict[str, float] = {}
+            for name in args.sets.split(","):
+                res = screen(base, args.data / trait / f"{name}.jsonl", [bench.vec], args.work / f"{trait}_{name}_dp.csv",
+                             fast=True, histograms=False)
+                dps[name] = res.summary["traits"][bench.vec.trait]["delta_p"]["mean"]
+                for seed in seeds:
+                    if (trait, name, "plain", seed) not in done:
+                        run_one(bench, name, "plain", seed, args.work, runs_path, dps[name])
+            if args.vaccine:
+                vaccine(bench, seeds, args.work, runs_path, dps.get("II"))
     summarize(args.out, read_jsonl(runs_path))
 
 
+def fmt(ci: tuple[float, float, float] | list[float], digits: int = 4) -> str:
+    m, lo, hi = ci
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
 def summarize(out: Path, rows: list[dict[str, Any]]) -> None:
-    result: dict[str, Any] = {"settings": SETTINGS, "traits": {}}
-    lines = ["| trait | set | seeds | reference measure [95% t CI over seeds] | shift [95% t CI] | perplexity | dataset ΔP |",
-             "|---|---|---|---|---|---|---|"]
+    result: dict[str, Any] = {"settings": SETTINGS, "ppl_cap": PPL_CAP, "grids": GRIDS, "traits": {}}
+    lines = ["## Finetunes (plain)", "",
+             "| trait | set | seeds | reference [95% t CI over seeds] | shift [95% t CI] | random-direction mean abs shift | "
+             "perplexity | quiz | dataset ΔP |", "|---|---|---|---|---|---|---|---|---|"]
     for trait in dict.fromkeys(r["trait"] for r in rows):
         mine = [r for r in rows if r["trait"] == trait]
-        res: dict[str, Any] = {}
-        for name in dict.fromkeys(r["set"] for r in mine):
-            sub = [r for r in mine if r["set"] == name]
-            m, lo, hi = t_interval([r["reference"] for r in sub])
-            res[name] = {"n": len(sub), "reference": [m, lo, hi], "shift": list(t_interval([r["shift"] for r in sub])),
-                         "perplexity": float(np.mean([r["perplexity"] for r in sub])),
-                         "dataset_delta_p": sub[0].get("dataset_delta_p")}
-            dp = res[name]["dataset_delta_p"]
-            sm, slo, shi = res[name]["shift"]
-            lines.append(f"| {trait} | {name} | {len(sub)} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] | {sm:+.1f} [{slo:+.1f}, {shi:+.1f}] | "
-                         f"{res[name]['perplexity']:.2f} | {'–' if dp is None else f'{dp:.2f}'} |")
-        by_seed = {r["seed"]: r for r in mine if r["set"] == "normal"}
-        diffs = [r["reference"] - by_seed[r["seed"]]["reference"] for r in mine if r["set"] == "II" and r["seed"] in by_seed]
-        if diffs:
-            m, lo, hi = t_interval(diffs)
-            res["II_minus_normal"] = [m, lo, hi]
-            lines.append(f"| {trait} | II − normal (paired by seed) | {len(diffs)} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] | | | |")
+        plain = [r for r in mine if condition_of(r) == "plain"]
+        res: dict[str, Any] = {"sets": {}}
+        for name in dict.fromkeys(r["set"] for r in plain):
+            sub = [r for r in plain if r["set"] == name]
+            entry: dict[str, Any] = {"n": len(sub), "reference": t_interval([r["reference"] for r in sub]),
+                     "shift": t_interval([r["shift"] for r in sub]),
+                     "shift_random_abs": mean_of(sub, "shift_random_abs"), "perplexity": mean_of(sub, "perplexity"),
+                     "quiz": mean_of(sub, "quiz"), "dataset_delta_p": sub[0].get("dataset_delta_p")}
+            res["sets"][name] = entry
+            dp, rnd, quiz = entry["dataset_delta_p"], entry["shift_random_abs"], entry["quiz"]
+            lines.append(f"| {trait} | {name} | {len(sub)} | {fmt(entry['reference'])} | {fmt(entry['shift'], 1)} | "
+                         f"{'–' if rnd is None else f'{rnd:.1f}'} | {entry['perplexity']:.2f} | "
+                         f"{'–' if quiz is None else f'{quiz:.3f}'} | {'–' if dp is None else f'{dp:.2f}'} |")
+        by_seed = {r["seed"]: r for r in plain if r["set"] == "normal"}
+        diffs = [r["reference"] - by_seed[r["seed"]]["reference"] for r in plain
+                 if r["set"] == "II" and r["seed"] in by_seed]
+        if len(diffs) > 1:
+            res["II_minus_normal"] = t_interval(diffs)
+            lines.append(f"| {trait} | II − normal (paired by seed) | {len(diffs)} | {fmt(res['II_minus_normal'])} "
+                         "| | | | | |")
         result["traits"][trait] = res
+        correlations(res, plain, lines)
+        mitigations(res, mine, lines)
     write_json(out / "results.json", result)
     write_text(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    xs = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def correlations(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[str]) -> None:
+    """(a) shift vs trait change and (b) dataset ΔP vs trait change, across the plain finetunes."""
+    base = next((r for r in plain if r["set"] == "base"), None)
+    fts = [r for r in plain if r["set"] != "base"]
+    if base is None or len({r["set"] for r in fts}) < 3:
+        return
+    change = [r["reference"] - base["reference"] for r in fts]
+    pairs: dict[str, Callable[[dict[str, Any]], float]] = {
+        "(a) finetuning shift": lambda r: float(r["shift"]),
+        "(b) dataset ΔP before training": lambda r: float(r["dataset_delta_p"])}
+    trait = fts[0]["trait"]
+    lines += ["", f"### {trait}: what predicts the trait change (reference − base) across {len(fts)} finetunes", "",
+              "| predictor | r | 95% bootstrap CI (finetunes resampled) |", "|---|---|---|"]
+    for label, key in pairs.items():
+        r, lo, hi = pearson_bootstrap_ci([key(x) for x in fts], change)
+        res[label] = [r, lo, hi]
+        lines.append(f"| {label} | {r:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+
+
+def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str]) -> None:
+    """(c): per method, the chosen coefficient's removal share and perplexity cost on half B over seeds."""
+    by = {(r["set"], condition_of(r), r["seed"]): r for r in mine}
+    seeds = sorted({r["seed"] for r in mine if r["set"] == "II" and condition_of(r) == "plain"})
+    if not any(condition_of(r) != "plain" for r in mine) or not seeds:
+        return
+    trait = mine[0]["trait"]
+    lines += ["", f"### {trait}: mitigations on the II set (chosen on questions 0–9 at seed {seeds[0]}, reported "
+              "on 10–19)", "",
+              "| method | grid at seed 0: coef → removal on 0–9 (perplexity ÷ plain II) | chosen | seeds | "
+              "removal share on 10–19 [95% t CI] | perplexity ÷ plain II [95% t CI] | quiz − plain II |",
+              "|---|---|---|---|---|---|---|"]
+    res["mitigations"] = {}
+    s0 = seeds[0]
+    for kind in ("prevent", "penalty", "infer", "caft"):
+        conds = [f"{kind}:{c:g}" for c in GRIDS[kind]] if kind in GRIDS else ["caft"]
+        grid = []
+        for cond in conds:
+            g, normal, plain = by.get(("II", cond, s0)), by.get(("normal", "plain", s0)), by.get(("II", "plain", s0))
+            if g is not None and normal is not None and plain is not None:
+                grid.append(f"{cond.partition(':')[2] or 'caft'} → {removal(g, normal, plain, HALF_A):+.2f} "
+                            f"({g['perplexity'] / plain['perplexity']:.3f})")
+        chosen = "caft" if kind == "caft" else choose(mine, kind, s0) if kind in GRIDS else None
+        if chosen is None:
+            continue
+        rem, ppl, quiz = [], [], []
+        for seed in seeds:
+            g, normal, plain = by.get(("II", chosen, seed)), by.get(("normal", "plain", seed)), by.get(("II", "plain", seed))
+            if g is None or normal is None or plain is None:
+                continue
+            rem.append(removal(g, normal, plain, HALF_B))
+            ppl.append(g["perplexity"] / plain["perplexity"])
+            if g.get("quiz") is not None and plain.get("quiz") is not None:
+                quiz.append(g["quiz"] - plain["quiz"])
+        entry: dict[str, Any] = {"chosen": chosen, "seeds": len(rem), "removal_half_b": t_interval(rem) if rem else None,
+                 "perplexity_ratio": t_interval(ppl) if ppl else None,
+                 "quiz_change": float(np.mean(quiz)) if quiz else None, "grid": grid}
+        res["mitigations"][kind] = entry
+        lines.append(f"| {kind} | {'; '.join(grid)} | {chosen} | {len(rem)} | "
+                     f"{fmt(entry['removal_half_b'], 2) if len(rem) > 1 else rem} | "
+                     f"{fmt(entry['perplexity_ratio'], 3) if len(ppl) > 1 else ppl} | "
+                     f"{'–' if entry['quiz_change'] is None else format(entry['quiz_change'], '+.3f')} |")
 
 
 if __name__ == "__main__":

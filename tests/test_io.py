@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from personavec.io import atomic_path, read_jsonl, write_text
+from personavec.io import append_jsonl, atomic_path, read_jsonl, write_jsonl, write_text
 
 
 def test_atomic_write_gets_umask_mode(tmp_path: Path) -> None:
@@ -36,3 +36,14 @@ def test_read_jsonl_keeps_rows_whose_text_holds_unicode_line_breaks(tmp_path: Pa
     path = tmp_path / "u.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     assert read_jsonl(path) == rows
+
+
+def test_write_jsonl_replaces_rows_that_append_and_read_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "runs.jsonl"
+    append_jsonl(path, [{"a": 1}, {"a": 2}])
+    rows = read_jsonl(path)
+    rows[0]["b"] = "filled"
+    write_jsonl(path, rows)
+    append_jsonl(path, [{"a": 3}])
+    assert read_jsonl(path) == [{"a": 1, "b": "filled"}, {"a": 2}, {"a": 3}]
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.jsonl"]

@@ -41,6 +41,11 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def write_jsonl(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
+    """Replace a JSONL file atomically (one sorted-key row per line, as append_jsonl writes them)."""
+    write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
 def append_jsonl(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
     """Append rows and fsync: an interrupted run loses at most the line being written."""
     with open(path, "a", encoding="utf-8") as fh:
