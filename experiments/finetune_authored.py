@@ -21,7 +21,8 @@ share and perplexity cost are reported on questions 10–19 with t intervals ove
 1 − (condition − normal) / (II − normal), each finetune compared with the normal and II finetunes of its seed.
 
 Resumable: each finished finetune appends one row to runs.jsonl and is skipped on a rerun; `--fill` adds the
-quiz and the random-direction shift to rows from before they were measured (adapters in --work).
+quiz and the random-direction shift to rows from before they were measured (adapters in --work; it
+runs after the finetunes, and checks that the remeasured shift equals the stored one).
 Writes results.json and results.md.
 """
 
@@ -38,14 +39,14 @@ from typing import Any
 import numpy as np
 
 import personavec as pv
-from personavec.capability import capability
+from personavec.capability import capability, quiz_accuracy
 from personavec.controls import random_like
 from personavec.io import append_jsonl, read_jsonl, write_json, write_jsonl, write_text
 from personavec.models import Model
 from personavec.reference import reference_measure
 from personavec.screen import screen
 from personavec.screening.stats import mean_ci
-from personavec.stats import pearson_bootstrap_ci
+from personavec.stats import pearson_bootstrap_ci, pearson_ci
 from personavec.training import Interventions, TrainSettings, attach_adapter, train
 from personavec.training.shift import eval_prompts, last_prompt_means, project
 from personavec.vectors import PersonaVector
@@ -57,7 +58,7 @@ SETTINGS: dict[str, Any] = dict(rank=32, alpha=64, rslora=True, lr=3e-4, epochs=
 HALF_A, HALF_B = range(0, 10), range(10, 20)  # choose on A, report on B
 PPL_CAP = 1.05
 RANDOM_SEEDS = range(5)
-GRIDS: dict[str, tuple[float, ...]] = {"prevent": (0.5, 1.0, 2.0, 4.0), "penalty": (0.1, 1.0), "infer": (0.5, 1.0, 2.0, 4.0)}
+GRIDS: dict[str, tuple[float, ...]] = {"prevent": (0.5, 1.0, 2.0), "penalty": (0.1, 1.0), "infer": (0.5, 1.0, 2.0, 4.0)}
 
 
 def t_interval(xs: list[float]) -> tuple[float, float, float]:
@@ -101,13 +102,17 @@ class Bench:
             cap = capability(model)
         finally:
             handle.remove()
-        means = last_prompt_means(model, self.prompts)
-        layer = self.vec.layer
-        rand = [abs(float(project(means, self.base_means, r)[layer] or 0.0)) for r in self.randoms]
         return {"reference": ref.mean, "reference_per_question": ref.gaps,
                 "reference_questions": [g.question_idx for g in ref.questions], "perplexity": cap["perplexity"],
-                "quiz": cap["quiz_accuracy"], "shift": project(means, self.base_means, self.vec)[layer],
-                "shift_random_abs": float(np.mean(rand))}
+                "quiz": cap["quiz_accuracy"], **self.shifts(model)}
+
+    def shifts(self, model: Model) -> dict[str, Any]:
+        """The finetuning shift on the vector and the mean |shift| on the random unit directions (the control)."""
+        means = last_prompt_means(model, self.prompts)
+        layer = self.vec.layer
+        rand = [float(project(means, self.base_means, r)[layer] or 0.0) for r in self.randoms]
+        return {"shift": float(project(means, self.base_means, self.vec)[layer] or 0.0),
+                "shift_random": rand, "shift_random_abs": float(np.mean(np.abs(rand)))}
 
     def finetuned(self, folder: Path) -> Model:
         return attach_adapter(copy.deepcopy(self.base), folder, merge=True, allow_mismatch=True)
@@ -169,7 +174,8 @@ def choose(rows: list[dict[str, Any]], kind: str, seed: int) -> str | None:
     return max(ok)[2] if ok else max(cands, key=lambda c: c[1])[2]
 
 
-def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: float | None) -> None:
+def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: float | None,
+            methods: tuple[str, ...] = ("infer", "prevent", "caft", "penalty")) -> None:
     """(c): grids at the first seed, the chosen coefficient (and CAFT) at every seed."""
     def done() -> dict[tuple[str, str, int], dict[str, Any]]:
         return {(r["set"], condition_of(r), r["seed"]): r for r in read_jsonl(runs_path) if r["trait"] == bench.trait}
@@ -178,7 +184,11 @@ def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: flo
         if ("II", condition, seed) not in done():
             run_one(bench, "II", condition, seed, work, runs_path, dp)
 
-    for kind in ("infer", "prevent", "penalty"):  # inference first: no training, the cheapest
+    for kind in methods:  # inference first (no training), then the paper's method
+        if kind == "caft":
+            for seed in seeds:
+                ensure("caft", seed)
+            continue
         for c in GRIDS[kind]:
             ensure(f"{kind}:{c:g}", seeds[0])
         chosen = choose(list(done().values()), kind, seeds[0])
@@ -186,8 +196,6 @@ def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: flo
         print(f"{bench.trait} {kind}: chosen on questions 0–9 at seed {seeds[0]}: {chosen}", flush=True)
         for seed in seeds[1:]:
             ensure(chosen, seed)
-    for seed in seeds:
-        ensure("caft", seed)
 
 
 def fill(bench: Bench, runs_path: Path, work: Path) -> None:
@@ -201,12 +209,14 @@ def fill(bench: Bench, runs_path: Path, work: Path) -> None:
             model = bench.base
         else:
             model = bench.finetuned(work / folder_name(bench.trait, row["set"], condition_of(row), row["seed"]))
-        m = bench.measure(model)
-        drift = abs(m["reference"] - row["reference"])
+        m = bench.shifts(model)
+        m["quiz"] = quiz_accuracy(model)
+        drift = abs(m["shift"] - row["shift"])
         print(f"fill {row['set']} seed {row['seed']}: quiz {m['quiz']:.3f}, random shift "
-              f"{m['shift_random_abs']:.3f}; reference remeasured {m['reference']:+.5f} (stored "
-              f"{row['reference']:+.5f}, drift {drift:.1e})", flush=True)
-        row.update(quiz=m["quiz"], shift_random_abs=m["shift_random_abs"], condition=condition_of(row))
+              f"{m['shift_random_abs']:.3f}; shift remeasured {m['shift']:+.4f} (stored {row['shift']:+.4f}, drift "
+              f"{drift:.1e})", flush=True)
+        row.update(quiz=m["quiz"], shift_random=m["shift_random"], shift_random_abs=m["shift_random_abs"],
+                   condition=condition_of(row))
         changed = True
     if changed:
         write_jsonl(runs_path, rows)
@@ -221,6 +231,7 @@ def main() -> None:
     ap.add_argument("--sets", default="normal,II")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--vaccine", action="store_true", help="run (c) on the II set after the plain finetunes")
+    ap.add_argument("--methods", default="infer,prevent,caft,penalty", help="--vaccine's methods, in order")
     ap.add_argument("--fill", action="store_true", help="measure quiz and random shift for older rows")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 training steps and 2-point grids: a smoke test")
@@ -236,8 +247,6 @@ def main() -> None:
         base = pv.load_model(dtype="float32")
         for trait in args.traits.split(","):
             bench = Bench(base, trait, args.data)
-            if args.fill:
-                fill(bench, runs_path, args.work)
             done = {(r["trait"], r["set"], condition_of(r), r["seed"]) for r in read_jsonl(runs_path)}
             if (trait, "base", "plain", None) not in done:
                 row = bench.measure(base)
@@ -252,7 +261,9 @@ def main() -> None:
                     if (trait, name, "plain", seed) not in done:
                         run_one(bench, name, "plain", seed, args.work, runs_path, dps[name])
             if args.vaccine:
-                vaccine(bench, seeds, args.work, runs_path, dps.get("II"))
+                vaccine(bench, seeds, args.work, runs_path, dps.get("II"), tuple(args.methods.split(",")))
+            if args.fill:
+                fill(bench, runs_path, args.work)
     summarize(args.out, read_jsonl(runs_path))
 
 
@@ -318,6 +329,18 @@ def correlations(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[s
         r, lo, hi = pearson_bootstrap_ci([key(x) for x in fts], change)
         res[label] = [r, lo, hi]
         lines.append(f"| {label} | {r:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    if all(r.get("shift_random") for r in fts):  # the control for (a): shifts on random unit directions
+        rs = [pearson_bootstrap_ci([r["shift_random"][k] for r in fts], change)[0] for k in RANDOM_SEEDS]
+        res["(a) control: random-direction shifts, r per direction"] = rs
+        lines.append(f"| (a) control: shift on {len(rs)} random unit directions | mean abs r {np.mean(np.abs(rs)):.3f}, "
+                     f"max abs r {np.max(np.abs(rs)):.3f} | |")
+    sets = sorted({r["set"] for r in fts})  # the datasets are the units ΔP varies over: r over set means too
+    mean_change = [float(np.mean([c for r, c in zip(fts, change, strict=True) if r["set"] == n])) for n in sets]
+    for label, key in pairs.items():
+        xs = [float(np.mean([key(r) for r in fts if r["set"] == n])) for n in sets]
+        r, lo, hi = pearson_ci(xs, mean_change)
+        res[f"{label}, over set means"] = [r, lo, hi]
+        lines.append(f"| {label}, over the {len(sets)} set means | {r:+.3f} | [{lo:+.3f}, {hi:+.3f}] (Fisher z) |")
 
 
 def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str]) -> None:
@@ -354,13 +377,15 @@ def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str
             ppl.append(g["perplexity"] / plain["perplexity"])
             if g.get("quiz") is not None and plain.get("quiz") is not None:
                 quiz.append(g["quiz"] - plain["quiz"])
+        if not rem:
+            continue
         entry: dict[str, Any] = {"chosen": chosen, "seeds": len(rem), "removal_half_b": t_interval(rem) if rem else None,
                  "perplexity_ratio": t_interval(ppl) if ppl else None,
                  "quiz_change": float(np.mean(quiz)) if quiz else None, "grid": grid}
         res["mitigations"][kind] = entry
         lines.append(f"| {kind} | {'; '.join(grid)} | {chosen} | {len(rem)} | "
-                     f"{fmt(entry['removal_half_b'], 2) if len(rem) > 1 else rem} | "
-                     f"{fmt(entry['perplexity_ratio'], 3) if len(ppl) > 1 else ppl} | "
+                     f"{fmt(entry['removal_half_b'], 2) if len(rem) > 1 else f'{rem[0]:+.2f} (one seed)'} | "
+                     f"{fmt(entry['perplexity_ratio'], 3) if len(ppl) > 1 else f'{ppl[0]:.3f} (one seed)'} | "
                      f"{'–' if entry['quiz_change'] is None else format(entry['quiz_change'], '+.3f')} |")
 
 

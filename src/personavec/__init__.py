@@ -10,8 +10,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .capture import Sample, capture_means, iter_reductions
 from .controls import matched_norm, random_like
 from .errors import PersonavecError

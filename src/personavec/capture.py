@@ -63,7 +63,8 @@ def iter_reductions(model: Model, samples: Sequence[Sample], *, layers: Sequence
     """Yield (sample indices, {position: [batch, len(layers), hidden] float32}) batch by batch.
 
     Batches are length-sorted and right-padded (positions come from the lengths, never from raw
-    indices); the forward pass is no-grad, without KV cache, and stops after max(layers)."""
+    indices); the forward pass is no-grad, without KV cache, and stops after max(layers). Blocks may live
+    on different devices (a `device_map`): each reduces where it runs, results gather on `model.device`."""
     n = model.n_layers
     wanted = sorted(set(range(n + 1) if layers is None else layers))
     if not wanted or wanted[0] < 0 or wanted[-1] > n:
@@ -78,8 +79,13 @@ def iter_reductions(model: Model, samples: Sequence[Sample], *, layers: Sequence
     state: dict[str, Any] = {}
 
     def record(layer: int, hidden: torch.Tensor) -> None:
+        masks = state["masks"].get(hidden.device)
+        if masks is None:  # a block on another device: copy the masks there once per batch
+            first = next(iter(state["masks"].values()))
+            masks = state["masks"][hidden.device] = {k: v.to(hidden.device) for k, v in first.items()}
         for p in positions:
-            state["out"][p][:, slot[layer]] = _reduce(hidden, p, state["masks"])
+            out = state["out"][p]
+            out[:, slot[layer]] = _reduce(hidden, p, masks).to(out.device)
         if layer == last:
             raise _Stop
 
@@ -99,8 +105,8 @@ def iter_reductions(model: Model, samples: Sequence[Sample], *, layers: Sequence
             batch = [samples[i] for i in group]
             ids, mask = pad_batch([s.prompt + s.response for s in batch], model.tokenizer.pad_token_id,
                                   side="right", device=model.device)
-            state["masks"] = _masks(batch, ids.shape[1], model.device)
-            state["out"] = {p: torch.zeros(len(batch), len(wanted), model.hidden_size, device=model.device)
+            state["masks"] = {ids.device: _masks(batch, ids.shape[1], ids.device)}
+            state["out"] = {p: torch.zeros(len(batch), len(wanted), model.hidden_size, device=ids.device)
                             for p in positions}
             with torch.no_grad(), contextlib.suppress(_Stop):
                 model.hf(input_ids=ids, attention_mask=mask, use_cache=False)

@@ -33,6 +33,50 @@ app.add_typer(vector_app, name="vector")
 out = Console()
 err = Console(stderr=True)
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ._version import __version__
+
+        typer.echo(f"personavec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                 help="Print the version and exit.")] = False,
+          # How every command below loads its model (read by _load); given before the command name.
+          device_map: Annotated[str | None, typer.Option(help="Place the model's modules with accelerate: auto, "
+                                                         "balanced, sequential, or a JSON object of module → "
+                                                         "device ('cpu', 'disk', 0, 'cuda:1'); replaces --device.")] = None,
+          load_in: Annotated[str | None, typer.Option(help="8bit or 4bit: quantize with bitsandbytes "
+                                                      "(needs a CUDA GPU).")] = None,
+          revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of --model.")] = None,
+          trust_remote_code: Annotated[bool, typer.Option(help="Run the model repository's own code "
+                                                          "(only for repositories you trust).")] = False,
+          offload_folder: Annotated[Path | None, typer.Option(help="Folder for modules --device-map puts on "
+                                                              "'disk'.")] = None) -> None:
+    """Options that apply before any command (model loading: `personavec --device-map auto extract ...`)."""
+    _LOADING.clear()  # every invocation sets them afresh (the in-process test runner reuses this module)
+    _LOADING.update(device_map=device_map, load_in=load_in, revision=revision,
+                    trust_remote_code=trust_remote_code, offload_folder=offload_folder)
+
+
+_LOADING: dict[str, Any] = {}  # the model-loading options of this invocation, given before the command name
+
+
+def _loading_options() -> dict[str, Any]:
+    """The keyword arguments of load_model that the options before the command name set (see _root)."""
+    options = dict(_LOADING)
+    device_map = options.get("device_map")
+    if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
+        try:
+            options["device_map"] = json.loads(device_map)
+        except json.JSONDecodeError as exc:
+            raise PersonavecError(f"--device-map is not a JSON object ({exc.msg}); pass auto, balanced, "
+                                  'sequential or e.g. \'{"model.layers.0": 0, "lm_head": "cpu"}\'') from None
+    return options
+
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, model folder or .gguf file "
                                               "(default: the embedded SmolLM2-135M-Instruct).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best available).")]
@@ -68,7 +112,7 @@ def _load(model: str | None, device: str | None, dtype: str | None, layers_path:
     from .models import load_model
 
     with err.status(f"loading {model or 'the embedded model'}…"):
-        return load_model(model, device=device, dtype=dtype, layers_path=layers_path)
+        return load_model(model, device=device, dtype=dtype, layers_path=layers_path, **_loading_options())
 
 
 @app.command()
@@ -371,7 +415,7 @@ def vector_info(path: Annotated[Path, typer.Argument(help="A .pv.safetensors fil
 
 # The commands of later features live in modules of their own (cli_*.py); importing them registers them
 # on `app`, `traits_app` and `vector_app`, so this file stays the one entry point.
-from . import cli_monitor, cli_screen, cli_serve, cli_train, cli_vectors  # noqa: E402, F401
+from . import cli_interop, cli_monitor, cli_screen, cli_serve, cli_train, cli_vectors  # noqa: E402, F401
 
 
 def main() -> None:

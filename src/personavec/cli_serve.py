@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .cli import DeviceOpt, DtypeOpt, LayersPathOpt, ModelOpt, _load, app, err
 from .errors import PersonavecError
+
+if TYPE_CHECKING:
+    from .serve.schemas import SteerSpec
+
+
+def steered_models(specs: list[str], vectors: Collection[str] | None = None) -> dict[str, list[SteerSpec]]:
+    """The `--steered-model` options as `ServeSettings.steered_models`: each spec read by
+    `serve.parse_steered_model`; a malformed spec, a name given twice or (when `vectors` is given) a vector
+    the server does not load is a one-line PersonavecError, raised before the model loads. Layer ranges and
+    clashes with the served model's name are checked by `create_app`, which knows the model."""
+    from .serve import parse_steered_model
+
+    named: dict[str, list[SteerSpec]] = {}
+    for spec in specs:
+        try:
+            name, terms = parse_steered_model(spec)
+        except ValueError as exc:
+            raise PersonavecError(f"--steered-model {exc}") from None
+        if name in named:
+            raise PersonavecError(f"--steered-model names '{name}' twice")
+        unknown = [t.vector for t in terms if vectors is not None and t.vector not in vectors]
+        if unknown:
+            raise PersonavecError(f"--steered-model '{name}' uses vector '{unknown[0]}', which --vector does not "
+                                  f"load (loaded: {', '.join(vectors or []) or 'none'})")
+        named[name] = terms
+    return named
 
 
 @app.command("serve")
@@ -26,6 +53,13 @@ def serve(
     log_prompts: Annotated[bool, typer.Option(help="Also log prompt and completion text (off by default).")] = False,
     served_model_name: Annotated[str | None, typer.Option(help="Name clients pass as 'model' (default: the model id).")] = None,
     allow_model_mismatch: Annotated[bool, typer.Option(help="Serve vectors made on other weights.")] = False,
+    steered_model: Annotated[list[str] | None, typer.Option(
+        metavar="NAME=VECTOR:COEF[:LAYER][:POSITIONS]",
+        help="Serve an extra model NAME that steers every request sent to it (for clients such as "
+             "lm-evaluation-harness that cannot send 'steer'), e.g. evil-8=evil:8:all or "
+             "mix=evil:4:18:all,humorous:2. LAYER defaults to the vector's chosen layer (layer L = output "
+             "of decoder block L); POSITIONS is response (default), prompt or all: use all or prompt to "
+             "score prompts (echo + logprobs) under steering. Repeat for several.")] = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API with per-request steering ("steer") and persona
@@ -38,12 +72,15 @@ def serve(
     if max_queue < 0 or max_request_bytes < 1 or max_tokens_limit < 1:
         raise PersonavecError("--max-queue must be >= 0, --max-request-bytes and --max-tokens-limit >= 1")
     vectors = name_vectors([PersonaVector.load(p) for p in vector])  # fail on bad files before loading the model
+    steered = steered_models(steered_model or [], vectors)  # and on bad specs
     m = _load(model, device, dtype, layers_path)
     settings = ServeSettings(api_key=api_key or None, max_queue=max_queue, max_request_bytes=max_request_bytes,
                              max_tokens_limit=max_tokens_limit, log_path=log, log_prompts=log_prompts,
-                             model_name=served_model_name, allow_model_mismatch=allow_model_mismatch)
+                             model_name=served_model_name, allow_model_mismatch=allow_model_mismatch,
+                             steered_models=steered)
     server_app = create_app(m, vectors, settings)
     name = served_model_name or m.model_id
     err.print(f"serving {name} with vectors {', '.join(vectors)} on http://{host}:{port}/v1"
-              + (" (API key required)" if api_key else ""), highlight=False)
+              + (f" (steered models: {', '.join(steered)})" if steered else "")
+              + (" (API key required)" if api_key else ""), highlight=False, soft_wrap=True)
     uvicorn.run(server_app, host=host, port=port, log_level="warning")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +13,7 @@ from rich.table import Table
 
 from .cli import DeviceOpt, LayersPathOpt, ModelOpt, _load, app, err, out, progress_bars
 from .errors import PersonavecError
+from .progress import no_progress
 
 data_app = typer.Typer(no_args_is_help=True, help="Build finetuning datasets.")
 app.add_typer(data_app, name="data")
@@ -70,7 +73,8 @@ def train_cmd(
 ) -> None:
     """LoRA-finetune on a chat dataset (loss on assistant tokens), optionally with training-time steering.
 
-    Resumes from the newest checkpoint in --out. Multi-GPU: `accelerate launch -m personavec.cli train ...`."""
+    Resumes from the newest checkpoint in --out. Several GPUs (DDP, one process each; --batch-size is per
+    process): `accelerate launch --num_processes N -m personavec.cli train ...`."""
     from .training import Interventions, TrainSettings, load_dataset, train
 
     settings = TrainSettings(rank=rank, alpha=alpha, rslora=rslora, lr=lr, epochs=epochs, batch_size=batch_size,
@@ -83,10 +87,14 @@ def train_cmd(
                        penalty_vector=shift_vec)
     m = _load(model, device, dtype, layers_path)
     _, summary = load_dataset(data, m.tokenizer, max_length)  # fail fast, and say what was skipped
-    err.print(summary.line(), highlight=False)
-    with progress_bars() as cb:
+    main = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`, only the main process reports
+    if main:
+        err.print(summary.line(), highlight=False)
+    with progress_bars() if main else contextlib.nullcontext(no_progress) as cb:
         result = train(m, data, out_dir, settings, iv, shift_vector=shift_vec, shift_trait=trait,
                        allow_mismatch=allow_model_mismatch, progress=cb)
+    if not result.main:
+        return
     last = result.losses[-1]["loss"] if result.losses else float("nan")
     shift = f"; finetuning shift at layer {result.shifts[-1]['layer']}: {result.shifts[-1]['shift']:+.3f}" \
         if result.shifts else ""

@@ -188,21 +188,37 @@ def vector_compare(
 # ---- interop -----------------------------------------------------------------------------------------------
 @vector_app.command("export")
 def vector_export(
-    vector: Annotated[Path, typer.Argument(help="Vector file.")],
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="File to write (.gguf).")],
-    fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp / repeng control vector).")] = "gguf",
+    vector: Annotated[Path, typer.Argument(help="Vector file or pretrained folder.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="File (.gguf) or folder to write.")],
+    fmt: Annotated[str | None, typer.Option("--format", help="gguf (llama.cpp / repeng control vector), pretrained "
+                                            "(folder with a model card) or reference (the persona_vectors .pt "
+                                            "files). Default: gguf for --out *.gguf, pretrained for a folder or a "
+                                            "name without a suffix.")] = None,
     layer: Annotated[list[str] | None, typer.Option(help="personavec layer(s) L to export (2..n; written as "
                                                    "direction.(L-1)); default: the vector's chosen layer.")] = None,
     coef: Annotated[float, typer.Option(help="Coefficient baked into the values.")] = 1.0,
     position: Annotated[str, typer.Option(help="Capture position to export.")] = "response",
 ) -> None:
-    """Write a llama.cpp control vector: use it with llama-cli --control-vector FILE."""
+    """Write a llama.cpp control vector (llama-cli --control-vector FILE), a Hugging Face style folder with a
+    model card, or the reference implementation's .pt files."""
     from .interop.gguf import export_gguf, to_llama_cpp
 
-    if fmt != "gguf":
-        raise PersonavecError(f"unknown --format '{fmt}'; only gguf is supported")
+    if fmt is None:
+        if out_path.suffix.lower() != ".gguf" and out_path.suffix and not out_path.is_dir():
+            raise PersonavecError(f"cannot tell the format from --out '{out_path}'; pass --format gguf, pretrained "
+                                  "or reference")
+        fmt = "gguf" if out_path.suffix.lower() == ".gguf" else "pretrained"
+    if fmt not in ("gguf", "pretrained", "reference"):
+        raise PersonavecError(f"unknown --format '{fmt}'; use gguf, pretrained or reference")
     _check_out(out_path, [vector])
     vec = _load_vectors([vector])[0]
+    if fmt != "gguf":
+        if layer or coef != 1.0 or position != "response":
+            raise PersonavecError(f"--layer, --coef and --position apply to --format gguf; {fmt} keeps every layer "
+                                  "and position as they are")
+        from .cli_interop import export_folder
+
+        return export_folder(vec, out_path, fmt)
     layers = [int(x) for x in _parse_floats(layer, "--layer") or []] or [vec.layer]
     export_gguf(vec, out_path, layers=layers, coef=coef, position=position)
     mapping = ", ".join(f"L{ly} -> direction.{to_llama_cpp(ly, vec.n_layers)}" for ly in sorted(set(layers)))
@@ -212,19 +228,31 @@ def vector_export(
 
 @vector_app.command("import")
 def vector_import(
-    gguf_file: Annotated[Path, typer.Argument(help="A control-vector .gguf (personavec, repeng, llama.cpp).")],
+    file: Annotated[Path, typer.Argument(help="A control-vector .gguf (personavec, repeng, llama.cpp), or the "
+                                         "persona_vectors reference implementation's TRAIT_response_avg_diff.pt "
+                                         "(its prompt_avg / prompt_last files beside it come along).")],
     out_path: OutVector,
     trait: TraitNameOpt = None,
     model: ModelOpt = None,
+    layer: Annotated[int | None, typer.Option(help="For .pt files: the layer you steer at (the reference's "
+                                              "--layer L = personavec layer L), recorded as the chosen one.")] = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
 ) -> None:
-    """Read a llama.cpp control vector onto MODEL (direction.k becomes layer k+1, the output of block k+1)."""
+    """Read a llama.cpp control vector (direction.k becomes layer k+1, the output of block k+1) or a reference
+    .pt vector (row L stays layer L) onto MODEL."""
     from .interop.gguf import import_gguf, read_control_vector
 
-    _check_out(out_path, [gguf_file])
-    read_control_vector(gguf_file)  # fail on a bad file before paying for the model
+    _check_out(out_path, [file])
+    if file.suffix.lower() in (".pt", ".pth"):
+        from .cli_interop import import_reference
+
+        return import_reference(file, out_path, trait=trait, model=model, layer=layer, device=device,
+                                dtype=dtype, layers_path=layers_path)
+    if layer is not None:
+        raise PersonavecError("--layer applies to .pt imports; a GGUF control vector names its own layers")
+    read_control_vector(file)  # fail on a bad file before paying for the model
     m = _load(model, device, dtype, layers_path)
-    vec = import_gguf(gguf_file, m, trait=trait)
+    vec = import_gguf(file, m, trait=trait)
     vec.save(out_path)
     layers = vec.meta["imported_from"]["layers"]
     hint = vec.meta["imported_from"]["model_hint"]

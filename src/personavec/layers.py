@@ -7,6 +7,7 @@ A vector for layer L is therefore added by a hook on block L-1.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -83,6 +84,19 @@ def check_layer(layer: int, n_layers: int) -> int:
         raise LayerError(f"layer {layer} is out of range: this model has layers 1..{n_layers} "
                          "(0 is the embedding output and cannot be steered)")
     return layer
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device a module computes on: accelerate's execution device when a `device_map` dispatched it (its
+    weights may then sit on 'meta' while offloaded to the CPU or disk), else the device of its first parameter
+    or buffer that is not on 'meta'; None when neither says."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in (hook, *getattr(hook, "hooks", ())):  # a SequentialHook holds several
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return next((t.device for t in itertools.chain(module.parameters(), module.buffers())
+                 if t.device.type != "meta"), None)
 
 
 def block_output(output: Any) -> torch.Tensor:

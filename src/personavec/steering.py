@@ -13,6 +13,11 @@ Positions, for generation with the KV cache and left-padded batches:
             every generated token afterwards (the persona-vectors paper's convention);
   a bool tensor [batch, seq] for a single cache-free forward, e.g. a full prompt+response sequence.
 Padding positions may receive the vector too; they are masked out of attention so nothing reads them.
+Which positions a step steers is decided from shapes and the cache length alone, so the hooks never wait
+for the device (no host sync per layer and step).
+
+Models split across devices (a `device_map`): each vector is placed on its own block's device when the
+hooks are registered, and the per-step position mask is copied to each device once per forward.
 
 Cache-free forwards over whole prompt+response sequences (capture, likelihood scoring, training) declare
 each row's prompt length with `sequence_layout(...)`; "prompt" and "response" then mean the same token
@@ -32,7 +37,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .errors import SteeringError
-from .layers import block_output, check_layer, replace_block_output
+from .layers import block_output, check_layer, module_device, replace_block_output
 
 if TYPE_CHECKING:
     from .models import Model
@@ -91,8 +96,9 @@ def _past_length(hidden: torch.Tensor, kwargs: dict[str, Any], args: tuple[Any, 
     return 0
 
 
-def _step_mask(positions: Positions, hidden: torch.Tensor, past: int) -> torch.Tensor | None:
-    """[batch, seq, 1] weights for this forward step, or None for 'every position'."""
+def _step_mask(positions: Positions, hidden: torch.Tensor, past: int) -> torch.Tensor | bool | None:
+    """[batch, seq, 1] weights for this forward step, None for 'every position', False for 'none' (both
+    known from shapes alone, so the hook needs no device sync to skip a step)."""
     batch, seq = hidden.shape[:2]
     if isinstance(positions, torch.Tensor):
         if past or positions.shape != (batch, seq):
@@ -107,14 +113,12 @@ def _step_mask(positions: Positions, hidden: torch.Tensor, past: int) -> torch.T
         plen = layout.to(hidden.device)[:, None]
         keep = cols < plen if positions == "prompt" else cols >= plen - 1
         return keep.to(hidden.dtype)[..., None]
+    if positions == "prompt":
+        return None if past == 0 else False
+    if past:  # response: every generated token
+        return None
     mask = torch.zeros(batch, seq, 1, dtype=hidden.dtype, device=hidden.device)
-    if positions == "prompt" and past == 0:
-        mask[:] = 1
-    elif positions == "response":
-        if past == 0:
-            mask[:, -1] = 1
-        else:
-            mask[:] = 1
+    mask[:, -1] = 1  # response, prefill: the last prompt position predicts the first response token
     return mask
 
 
@@ -131,20 +135,29 @@ def intervene(model: Model, transforms: Mapping[int, Transform], positions: Posi
     _check_positions(positions)
     for layer in transforms:
         check_layer(layer, model.n_layers)
-    state: dict[str, torch.Tensor | None] = {"mask": None}
+    # This forward's position mask: None (all), False (none) or {device: mask}, one copy per block device.
+    state: dict[str, Any] = {"mask": None}
 
     def track(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
-        state["mask"] = _step_mask(positions, hidden, _past_length(hidden, kwargs, args))
+        mask = _step_mask(positions, hidden, _past_length(hidden, kwargs, args))
+        state["mask"] = {mask.device: mask} if isinstance(mask, torch.Tensor) else mask
 
     def make_hook(fn: Transform) -> Callable[..., Any]:
         def hook(_module: Any, _args: Any, output: Any) -> Any:
-            hidden = block_output(output)
-            mask = state["mask"]
-            if mask is not None and not bool(mask.any()):
+            masks = state["mask"]
+            if masks is False:
                 return output
+            hidden = block_output(output)
             delta = fn(hidden)
-            return replace_block_output(output, hidden + (delta if mask is None else delta * mask))
+            if delta.device != hidden.device:
+                delta = delta.to(hidden.device)
+            if masks is None:
+                return replace_block_output(output, hidden + delta)
+            mask = masks.get(hidden.device)
+            if mask is None:  # a block on another device than block 0: copy once per forward
+                mask = masks[hidden.device] = next(iter(masks.values())).to(hidden.device)
+            return replace_block_output(output, hidden + delta * mask)
         return hook
 
     handle = Handle()
@@ -161,10 +174,26 @@ def check_coef(coef: float) -> float:
 
 
 def _as_vector(model: Model, layer: int, vector: torch.Tensor) -> torch.Tensor:
+    """The vector in the model's dtype on the device of block L-1 (the block whose output it changes)."""
+    check_layer(layer, model.n_layers)
     if vector.shape != (model.hidden_size,):
         raise SteeringError(f"vector for layer {layer} has shape {tuple(vector.shape)}, the model's hidden size is "
                             f"{model.hidden_size}")
-    return vector.to(model.device, model.dtype)
+    return vector.to(module_device(model.layers[layer - 1]) or model.device, model.dtype)
+
+
+def _placed(t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`t` on the device and in the dtype of the hidden state it meets. Vectors are placed on their block's
+    device up front, so this copies only where a block's device could not be known in advance (once each)."""
+    copies = {(t.device, t.dtype): t}
+
+    def get(h: torch.Tensor) -> torch.Tensor:
+        key = (h.device, h.dtype)
+        if key not in copies:
+            copies[key] = t.to(h.device, h.dtype)
+        return copies[key]
+
+    return get
 
 
 def steer(model: Model, vectors: Mapping[int, torch.Tensor], coef: float = 1.0,
@@ -177,10 +206,7 @@ def steer(model: Model, vectors: Mapping[int, torch.Tensor], coef: float = 1.0,
             check_layer(layer, model.n_layers)
         return Handle()
 
-    def constant(delta: torch.Tensor) -> Transform:
-        return lambda _h: delta
-
-    return intervene(model, {layer: constant(c * _as_vector(model, layer, v)) for layer, v in vectors.items()},
+    return intervene(model, {layer: _placed(c * _as_vector(model, layer, v)) for layer, v in vectors.items()},
                      positions)
 
 
@@ -195,6 +221,11 @@ def ablate(model: Model, directions: Mapping[int, torch.Tensor], positions: Posi
         units[layer] = (u / norm).to(model.dtype)
 
     def project_out(u: torch.Tensor) -> Transform:
-        return lambda h: -(h @ u)[..., None] * u
+        place = _placed(u)
+
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            unit = place(h)
+            return -(h @ unit)[..., None] * unit
+        return fn
 
     return intervene(model, {layer: project_out(u) for layer, u in units.items()}, positions)

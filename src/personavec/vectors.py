@@ -4,7 +4,10 @@ File format (safetensors): one float32 tensor per capture position ("response", 
 "last_prompt"), each of shape [n_layers + 1, hidden]; row 0 is the embedding output, row L the output
 of decoder block L (1-based, the paper's convention). Metadata key "personavec" holds a JSON object:
 model_id, fingerprint, hidden_size, n_layers, trait, trait_sha256, judge, threshold, counts, version,
-created, layer_convention, and optionally best_layer / best_coef chosen by a sweep."""
+created, layer_convention, and optionally best_layer / best_coef chosen by a sweep; and format_version, the
+version of this file layout (absent in files written before it existed: those are format 1). Loading a file
+of a newer format than FORMAT_VERSION is refused. The format version belongs to the file, not the vector:
+`save` writes it and `load` takes it out of `meta`."""
 
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ if TYPE_CHECKING:
 
 LAYER_CONVENTION = "index 0 = embedding output; index L = output of decoder block L (1-based)"
 META_KEY = "personavec"
+# The vector file layout this code writes and the newest it reads. Raise it when a change would make older
+# personavec releases misread a file (a renamed tensor, a changed layer convention), not for new metadata keys.
+FORMAT_VERSION = 1
 
 
 def default_layer(n_layers: int) -> int:
@@ -114,10 +120,13 @@ class PersonaVector:
         """Write atomically (temporary file, then rename)."""
         from safetensors.torch import save_file
 
+        if Path(path).is_dir():  # a pretrained folder: rewrite it whole (vector, config, card)
+            return self.save_pretrained(path) / "vector.pv.safetensors"
         final = Path(path)
         with atomic_path(final) as tmp:
+            meta = {**self.meta, "format_version": FORMAT_VERSION}
             save_file({k: v.detach().float().contiguous().cpu() for k, v in self.tensors.items()}, str(tmp),
-                      metadata={META_KEY: json.dumps(self.meta, sort_keys=True, default=str)})
+                      metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)})
         return final
 
     @classmethod
@@ -125,6 +134,8 @@ class PersonaVector:
         from safetensors import safe_open
 
         p = Path(path)
+        if p.is_dir():  # a folder written by save_pretrained
+            return cls.from_pretrained(p)
         if not p.is_file():
             raise VectorError(f"vector file '{p}' does not exist; create it with 'personavec extract'")
         try:
@@ -135,10 +146,42 @@ class PersonaVector:
             raise VectorError(f"'{p}' is not a readable safetensors vector file ({type(exc).__name__})") from None
         if meta_raw is None or not tensors:
             raise VectorError(f"'{p}' has no personavec metadata; it was not written by personavec")
+        meta = json.loads(meta_raw)
+        if not isinstance(meta, dict):
+            raise VectorError(f"'{p}' has malformed personavec metadata; it was not written by personavec")
+        check_format_version(meta.pop("format_version", 1), p)  # before the layout checks a newer format may fail
         shapes = {tuple(t.shape) for t in tensors.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise VectorError(f"'{p}' holds tensors of shapes {sorted(shapes)}; expected one [n_layers + 1, hidden]")
-        return cls(tensors=tensors, meta=json.loads(meta_raw))
+        return cls(tensors=tensors, meta=meta)
+
+    # ---- Hugging Face style folders (personavec.interop.pretrained) --------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike[str], *, repo_id: str | None = None) -> Path:
+        """Write a folder: the vector file, config.json and a generated README.md model card (front matter
+        for the hub; trait, model, layer and its numbering, how it was made, measured figures)."""
+        from .interop.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, repo_id=repo_id)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike[str], *, revision: str | None = None,
+                        cache_dir: str | None = None, token: str | None = None,
+                        local_files_only: bool = False) -> PersonaVector:
+        """A folder written by save_pretrained (or a vector file), else a Hugging Face hub id ('owner/name')
+        downloaded with huggingface_hub.snapshot_download."""
+        from .interop.pretrained import from_pretrained
+
+        return from_pretrained(source, revision=revision, cache_dir=cache_dir, token=token,
+                               local_files_only=local_files_only)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str | None = None, revision: str | None = None) -> str:
+        """Upload the save_pretrained folder to the hub model repo `repo_id` (created if needed); needs
+        huggingface_hub. Returns the commit URL."""
+        from .interop.pretrained import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message,
+                           revision=revision)
 
     def digest(self) -> str:
         """Hash of the tensors (not the metadata): identifies the directions a run used."""
@@ -155,6 +198,17 @@ class PersonaVector:
         """Per-layer norms and the metadata, for `personavec vector info`."""
         norms = {p: [round(float(x), 4) for x in t.norm(dim=1)] for p, t in self.tensors.items()}
         return {"meta": self.meta, "shape": [self.n_layers + 1, self.hidden_size], "norms": norms}
+
+
+def check_format_version(version: Any, path: Path) -> None:
+    """Refuse a vector file written in a layout newer than this code knows (or with a malformed version)."""
+    from ._version import __version__
+
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise VectorError(f"'{path}' has a malformed format_version {version!r}; it was not written by personavec")
+    if version > FORMAT_VERSION:
+        raise VectorError(f"'{path}' is a vector file of format {version}, newer than personavec {__version__} "
+                          f"reads (format {FORMAT_VERSION}); upgrade personavec to load it")
 
 
 def now_iso() -> str:

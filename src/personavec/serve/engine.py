@@ -12,7 +12,11 @@ Admission is bounded: at most `max_queue` requests wait behind the running one; 
 
 Generation is a token-by-token loop with the KV cache (so answers can stream): steering positions follow
 `steering`'s convention for cached generation ("response" = the last prompt position in the prefill,
-then every generated token)."""
+then every generated token; "prompt" = every prompt position). A job that asks for the prompt's
+logprobs (`/v1/completions` with `echo` and `logprobs`) gets them from that same prefill, teacher-forced
+over the whole prompt, so they are what `likelihood.response_logprobs` computes for the same tokens under
+the same steering. A job may also be a list of jobs (one request with several prompts): they run one
+after another under one admission slot."""
 
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("personavec.serve")
 
 Event = tuple[str, Any]  # ("delta", str) | ("done", Result) | ("error", Exception)
+TokenLogprob = tuple[int, float | None, list[tuple[int, float]]]  # (token id, its logprob, top-k (id, logprob))
+LOGPROB_ROWS = 256  # prompt positions turned into float log-softmax rows at once (bounds memory: rows × vocab)
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ class Job:
     stops: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     steer: list[SteerTerm] = field(default_factory=list)
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k most likely alternatives
+    echo: bool = False  # with logprobs: also the prompt tokens' logprobs (the first token's is None)
     emit: Callable[[Event], None] = lambda _e: None  # called from the worker thread; must be thread-safe
     log_fields: dict[str, Any] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -83,6 +91,9 @@ class Result:
     persona: dict[str, dict[str, Any]]
     queue_s: float
     generate_s: float
+    tokens: list[int] = field(default_factory=list)  # the generated token ids
+    logprobs: list[TokenLogprob] | None = None  # per token: the prompt's (with echo), then the generated ones
+    stop_logprob: TokenLogprob | None = None  # with logprobs: the end-of-turn token that stopped generation
 
     @property
     def usage(self) -> dict[str, int]:
@@ -143,7 +154,7 @@ class Engine:
         # transformers 5.x calls the KV cache `cache`; earlier versions `past_key_values`
         params = inspect.signature(model.hf.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job | list[Job] | None] = queue.Queue()
         self._admitted = 0
         self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -156,8 +167,9 @@ class Engine:
         with self._count_lock:
             return self._admitted
 
-    def try_submit(self, job: Job) -> bool:
-        """Queue `job` unless `max_queue` requests already wait behind the running one."""
+    def try_submit(self, job: Job | list[Job]) -> bool:
+        """Queue `job` (or jobs that run one after another, as one request) unless `max_queue` requests
+        already wait behind the running one."""
         with self._count_lock:
             if self._closing or self._admitted > self.max_queue:
                 return False
@@ -174,8 +186,8 @@ class Engine:
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel waiting requests, let the running one stop at its next token, join the worker."""
         self._closing = True
-        for job in list(self._queue.queue):
-            if job is not None:
+        for item in list(self._queue.queue):
+            for job in [] if item is None else item if isinstance(item, list) else [item]:
                 job.cancel.set()
         self._queue.put(None)
         if self._thread is not None:
@@ -183,14 +195,16 @@ class Engine:
             self._thread = None
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
             try:
-                result = self.run(job)
-                self._log(job, result)
-                job.emit(("done", result))
-            except Exception as exc:  # a bug: answer 500 for this request and keep serving the others
-                log.exception("generation failed")
-                job.emit(("error", exc))
+                for job in item if isinstance(item, list) else [item]:
+                    try:
+                        result = self.run(job)
+                        self._log(job, result)
+                        job.emit(("done", result))
+                    except Exception as exc:  # a bug: answer 500 for this request and keep serving the others
+                        log.exception("generation failed")
+                        job.emit(("error", exc))
             finally:
                 with self._count_lock:
                     self._admitted -= 1
@@ -212,6 +226,8 @@ class Engine:
         model, hf = self.model, self.model.hf
         text = TextStream(model.tokenizer, job.stops)
         tokens: list[int] = []
+        logprobs: list[TokenLogprob] | None = None if job.logprobs is None else []
+        stop_logprob: TokenLogprob | None = None
         finish = "length"
         gen = torch.Generator(device=model.device).manual_seed(job.seed)
         with model_lock(model), torch.no_grad(), ExitStack() as stack:
@@ -219,15 +235,23 @@ class Engine:
                 stack.enter_context(steer(model, {t.layer: t.direction}, coef=t.coef, positions=t.positions))
             record = stack.enter_context(watch(model, self.monitor.dirs)) if self.monitor else None
             ids = torch.tensor([job.prompt], device=model.device)
-            out = hf(input_ids=ids, use_cache=True, **self._keep)
+            scored = job.echo and logprobs is not None
+            # the prefill: all positions' logits when the prompt is scored, else the last one's only
+            out = hf(input_ids=ids, use_cache=job.max_tokens > 0, **({} if scored else self._keep))
+            if scored and logprobs is not None:
+                logprobs.extend(prompt_logprobs(out.logits[0], job.prompt, job.logprobs or 0))
             while len(tokens) < job.max_tokens:
                 if job.cancel.is_set():
                     finish = "cancelled"
                     break
                 tok = self._pick(out.logits[0, -1], job, gen)
                 if tok in self._stop_ids:
+                    if logprobs is not None:  # the end token is part of the answer's logprobs, not of its text
+                        stop_logprob = token_logprob(out.logits[0, -1], tok, job.logprobs or 0)
                     finish = "stop"
                     break
+                if logprobs is not None:
+                    logprobs.append(token_logprob(out.logits[0, -1], tok, job.logprobs or 0))
                 tokens.append(tok)
                 piece, hit = text.push(tokens)
                 if piece:
@@ -242,10 +266,11 @@ class Engine:
             persona = self.monitor.readings(record) if self.monitor else {}
         if piece := text.flush():
             job.emit(("delta", piece))
-        return Result(text.sent, finish, len(job.prompt), len(tokens), persona, queue_s, time.monotonic() - start)
+        return Result(text.sent, finish, len(job.prompt), len(tokens), persona, queue_s, time.monotonic() - start,
+                      tokens, logprobs, stop_logprob)
 
     def _pick(self, logits: torch.Tensor, job: Job, gen: torch.Generator) -> int:
-        scores = logits.float()
+        scores = logits.float().clone()  # never write into the model's logits (float32 models return them as is)
         if job.ignore_eos:
             scores[self._stop_ids] = float("-inf")
         if job.temperature == 0:
@@ -258,3 +283,34 @@ class Engine:
         no_ids: Any = torch.empty(1, 0, dtype=torch.long)  # the warpers do not read the ids
         probs = torch.softmax(warpers(no_ids, scores[None]), dim=-1)
         return int(torch.multinomial(probs, 1, generator=gen)[0, 0])
+
+
+def _top(lp: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    if k == 0:
+        return []
+    values, indices = lp.topk(k)
+    return [(int(i), float(v)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """`token`'s log-probability under the raw next-token distribution `logits` [vocab] (before temperature
+    and top_p, as OpenAI and vLLM report it) and the k most likely tokens there."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return token, float(lp[token]), _top(lp, k)
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob]:
+    """Teacher-forced logprobs of every prompt token from one forward's logits [len(prompt), vocab]: the
+    first token has no prediction (None); token i is predicted by position i-1."""
+    out: list[TokenLogprob] = [(prompt[0], None, [])]
+    targets = torch.tensor(prompt[1:], dtype=torch.long, device=logits.device)
+    for lo in range(0, len(prompt) - 1, LOGPROB_ROWS):
+        hi = min(lo + LOGPROB_ROWS, len(prompt) - 1)
+        lp = torch.log_softmax(logits[lo:hi].float(), dim=-1)
+        chosen = lp.gather(1, targets[lo:hi, None])[:, 0].tolist()
+        top = lp.topk(k, dim=-1) if k else None
+        for row in range(hi - lo):
+            alts = [] if top is None else [(int(i), float(v)) for i, v in
+                                           zip(top.indices[row].tolist(), top.values[row].tolist(), strict=True)]
+            out.append((prompt[lo + row + 1], float(chosen[row]), alts))
+    return out

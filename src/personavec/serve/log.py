@@ -12,7 +12,7 @@ from typing import Any
 
 from ..io import append_jsonl
 
-TEXT_FIELDS = ("messages", "completion")
+TEXT_FIELDS = ("messages", "prompt", "completion")
 
 
 class RequestLog:

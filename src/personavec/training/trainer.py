@@ -5,8 +5,14 @@ The run folder OUT holds manifest.json (settings hash: a rerun resumes only the 
 checkpoints (checkpoint-N/, the newest two kept; a rerun resumes from the newest), shift.jsonl (the
 finetuning shift at every checkpoint, when a vector is given), and at the end a plain PEFT adapter
 (adapter_config.json + adapter_model.safetensors: LoRA weights only, no steering state) and
-train_summary.json. Multi-GPU: `accelerate launch -m personavec.cli train ...` runs the same code under
-DDP (the Trainer reads the accelerate environment); shift logging then runs on the main process only."""
+train_summary.json.
+
+Several processes: `accelerate launch --num_processes N -m personavec.cli train ...` runs the same code under
+DDP (the Trainer reads the accelerate environment; gloo on CPUs, NCCL on GPUs). Each process loads the model,
+attaches the training-time hooks to its own copy and trains on its share of each global batch
+(N × --batch-size rows per step; the loss is averaged over all assistant tokens of the global batch, so the
+adapter matches one process with an N times larger batch). Only the main process writes the run folder
+(manifest, adapter, summary, shift log); Trainer checkpoints hold one rng_state_K.pth per process."""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -82,6 +88,7 @@ class TrainResult:
     losses: list[dict[str, Any]] = field(default_factory=list)
     shifts: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
+    main: bool = True  # False in the other processes of a multi-process run: they wrote nothing
 
 
 class NonFiniteLoss(Exception):
@@ -120,7 +127,6 @@ class PersonavecTrainer(Trainer):
         """loss + W · mean over assistant tokens of ((h − h_base) · v̂)² at the vector's layer."""
         layer = self.iv.resolved_penalty_layer()
         assert layer is not None and self.iv.penalty_vector is not None
-        selected = inputs["labels"] != IGNORE
         block = self.pv_model.layers[layer - 1]
         store: dict[str, torch.Tensor] = {}
         hook = block.register_forward_hook(lambda _m, _a, out: store.__setitem__("h", block_output(out)))
@@ -131,6 +137,7 @@ class PersonavecTrainer(Trainer):
         base = self._base_hidden(model, inputs, block)
         v = self.iv.penalty_vector.at(layer).float()
         unit = (v / v.norm()).to(store["h"].device, store["h"].dtype)
+        selected = (inputs["labels"] != IGNORE).to(store["h"].device)  # the block may sit on another device
         delta = ((store["h"] - base) @ unit)[selected]
         penalty = self.iv.penalty * delta.float().pow(2).mean()
         self.penalties.append(float(penalty.detach()))
@@ -163,10 +170,12 @@ class ProgressCallback(TrainerCallback):
         self.progress = progress
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.progress("train", state.global_step, state.max_steps)
+        if state.is_world_process_zero:
+            self.progress("train", state.global_step, state.max_steps)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.progress("train", state.global_step, state.max_steps)
+        if state.is_world_process_zero:
+            self.progress("train", state.global_step, state.max_steps)
 
 
 class ShiftCallback(TrainerCallback):
@@ -234,15 +243,33 @@ def train(model: Model, data: str | Path, out: str | Path, settings: TrainSettin
     if shift_vector is not None:
         shift_vector.check_model(model, allow_mismatch)
     examples, summary = load_dataset(data, model.tokenizer, s.max_length)
-    folder = open_run(out, "train", {
+    # Under `accelerate launch`, creating the arguments joins the process group.
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.lr, num_train_epochs=s.epochs, max_steps=s.max_steps or -1, warmup_steps=s.warmup,
+        lr_scheduler_type="linear", logging_steps=1, save_strategy="steps", save_steps=s.save_steps,
+        save_total_limit=2, report_to=[], seed=s.seed, data_seed=s.seed, remove_unused_columns=False,
+        label_names=["labels"], disable_tqdm=True, use_cpu=model.device.type == "cpu",
+        bf16=False, fp16=False, dataloader_num_workers=0)
+    main = args.process_index == 0
+    if args.world_size > 1 and len({str(d) for d in (getattr(model.hf, "hf_device_map", None) or {}).values()}) > 1:
+        raise PersonavecError("a model split across devices with --device-map cannot be trained in several "
+                              "processes (each process trains a whole copy); drop --device-map or use one process")
+    manifest = {
         "model_id": model.model_id, "model_source": model.source, "fingerprint": model.fingerprint,
         "dtype": str(model.dtype), "data_sha256": sha256_file(data), "settings": asdict(s),
-        "interventions": iv.describe(), "shift_vector": None if shift_vector is None else shift_vector.digest()})
+        "interventions": iv.describe(), "shift_vector": None if shift_vector is None else shift_vector.digest()}
+    with args.main_process_first(local=False, desc="personavec run folder"):
+        # The main process creates (or checks) the run folder; the others only check what it wrote.
+        if not main and not (Path(out) / "manifest.json").is_file():
+            raise PersonavecError(f"the main process did not create the run folder {out}; see its error")
+        folder = open_run(out, "train", manifest)
     if all((folder / f).exists() for f in ADAPTER_FILES) and (folder / "train_summary.json").exists():
         raise PersonavecError(f"{folder} already holds a finished adapter; use another --out to train again")
 
     from peft import get_peft_model
 
+    set_seed(s.seed)  # the LoRA initialization follows --seed (and is the same in every process)
     peft_model = get_peft_model(model.hf, _lora_config(s))
     tm = dataclasses.replace(model, hf=peft_model)
     pause = InterventionCallback(tm, iv, allow_mismatch) if iv.hooks_needed else None
@@ -253,13 +280,6 @@ def train(model: Model, data: str | Path, out: str | Path, settings: TrainSettin
         cbs.append(ShiftCallback(tm, shift_vector, shift_trait or shift_vector.trait, s.shift_questions,
                                  folder / "shift.jsonl", pause))
     cbs.extend(callbacks)
-    args = TrainingArguments(
-        output_dir=str(folder), per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
-        learning_rate=s.lr, num_train_epochs=s.epochs, max_steps=s.max_steps or -1, warmup_steps=s.warmup,
-        lr_scheduler_type="linear", logging_steps=1, save_strategy="steps", save_steps=s.save_steps,
-        save_total_limit=2, report_to=[], seed=s.seed, data_seed=s.seed, remove_unused_columns=False,
-        label_names=["labels"], disable_tqdm=True, use_cpu=model.device.type == "cpu",
-        bf16=False, fp16=False, dataloader_num_workers=0)
     trainer = PersonavecTrainer(model=peft_model, args=args, train_dataset=examples,
                                 data_collator=collate(int(model.tokenizer.pad_token_id)), callbacks=cbs,
                                 pv_model=tm, interventions=iv, pause=pause)
@@ -276,13 +296,16 @@ def train(model: Model, data: str | Path, out: str | Path, settings: TrainSettin
         if pause is not None:
             pause.detach()
         peft_model.eval()
-    peft_model.save_pretrained(str(folder))
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
-    shifts = read_jsonl(folder / "shift.jsonl")
-    write_json(folder / "train_summary.json", {
-        "dataset": asdict(summary), "steps": trainer.state.global_step, "losses": losses,
-        "penalty_mean": (sum(trainer.penalties) / len(trainer.penalties)) if trainer.penalties else None,
-        "shift": shifts[-1] if shifts else None, "resumed_from": resume, "interventions": iv.describe(),
-        "base_model": {"model_id": model.model_id, "source": model.source, "fingerprint": model.fingerprint}})
+    if main:
+        peft_model.save_pretrained(str(folder))
+        shifts = read_jsonl(folder / "shift.jsonl")
+        write_json(folder / "train_summary.json", {
+            "dataset": asdict(summary), "steps": trainer.state.global_step, "losses": losses,
+            "penalty_mean": (sum(trainer.penalties) / len(trainer.penalties)) if trainer.penalties else None,
+            "shift": shifts[-1] if shifts else None, "resumed_from": resume,
+            "interventions": iv.describe(), "world_size": args.world_size,
+            "base_model": {"model_id": model.model_id, "source": model.source, "fingerprint": model.fingerprint}})
+    trainer.accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
     return TrainResult(out=folder, model=tm, steps=trainer.state.global_step, dataset=summary, losses=losses,
-                       shifts=shifts, resumed_from=resume)
+                       shifts=read_jsonl(folder / "shift.jsonl"), resumed_from=resume, main=main)
