@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -222,6 +223,21 @@ def fill(bench: Bench, runs_path: Path, work: Path) -> None:
         write_jsonl(runs_path, rows)
 
 
+def dp_control(bench: Bench, sets: list[str], work: Path, out: Path) -> None:
+    """The control for (b): each dataset's mean --fast ΔP on the 5 random directions (one pass per set)."""
+    path = out / "dp_random.json"
+    have: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    randoms = {f"random{k}": r for k, r in zip(RANDOM_SEEDS, bench.randoms, strict=True)}
+    for name in sets:
+        if name in have.get(bench.trait, {}):
+            continue
+        res = screen(bench.base, bench.data / bench.trait / f"{name}.jsonl", randoms,
+                     work / f"{bench.trait}_{name}_dp_random.csv", fast=True, histograms=False)
+        have.setdefault(bench.trait, {})[name] = [res.summary["traits"][k]["delta_p"]["mean"] for k in randoms]
+        print(f"{bench.trait} {name}: ΔP on random directions {have[bench.trait][name]}", flush=True)
+        write_json(path, have)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("experiments/out/finetune_authored"))
@@ -233,6 +249,7 @@ def main() -> None:
     ap.add_argument("--vaccine", action="store_true", help="run (c) on the II set after the plain finetunes")
     ap.add_argument("--methods", default="infer,prevent,caft,penalty", help="--vaccine's methods, in order")
     ap.add_argument("--fill", action="store_true", help="measure quiz and random shift for older rows")
+    ap.add_argument("--dp-control", action="store_true", help="ΔP of each set on the random directions ((b)'s control)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 training steps and 2-point grids: a smoke test")
     args = ap.parse_args()
@@ -264,7 +281,9 @@ def main() -> None:
                 vaccine(bench, seeds, args.work, runs_path, dps.get("II"), tuple(args.methods.split(",")))
             if args.fill:
                 fill(bench, runs_path, args.work)
-    summarize(args.out, read_jsonl(runs_path))
+            if args.dp_control:
+                dp_control(bench, args.sets.split(","), args.work, args.out)
+    summarize(args.out, read_jsonl(runs_path), args.out / "dp_random.json")
 
 
 def fmt(ci: tuple[float, float, float] | list[float], digits: int = 4) -> str:
@@ -272,7 +291,7 @@ def fmt(ci: tuple[float, float, float] | list[float], digits: int = 4) -> str:
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
-def summarize(out: Path, rows: list[dict[str, Any]]) -> None:
+def summarize(out: Path, rows: list[dict[str, Any]], dp_random: Path | None = None) -> None:
     result: dict[str, Any] = {"settings": SETTINGS, "ppl_cap": PPL_CAP, "grids": GRIDS, "traits": {}}
     lines = ["## Finetunes (plain)", "",
              "| trait | set | seeds | reference [95% t CI over seeds] | shift [95% t CI] | random-direction mean abs shift | "
@@ -300,7 +319,8 @@ def summarize(out: Path, rows: list[dict[str, Any]]) -> None:
             lines.append(f"| {trait} | II − normal (paired by seed) | {len(diffs)} | {fmt(res['II_minus_normal'])} "
                          "| | | | | |")
         result["traits"][trait] = res
-        correlations(res, plain, lines)
+        control = json.loads(dp_random.read_text()).get(trait, {}) if dp_random and dp_random.exists() else {}
+        correlations(res, plain, lines, control)
         mitigations(res, mine, lines)
     write_json(out / "results.json", result)
     write_text(out / "results.md", "\n".join(lines) + "\n")
@@ -312,7 +332,8 @@ def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
-def correlations(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[str]) -> None:
+def correlations(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[str],
+                 dp_random: dict[str, list[float]]) -> None:
     """(a) shift vs trait change and (b) dataset ΔP vs trait change, across the plain finetunes."""
     base = next((r for r in plain if r["set"] == "base"), None)
     fts = [r for r in plain if r["set"] != "base"]
@@ -333,6 +354,11 @@ def correlations(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[s
         rs = [pearson_bootstrap_ci([r["shift_random"][k] for r in fts], change)[0] for k in RANDOM_SEEDS]
         res["(a) control: random-direction shifts, r per direction"] = rs
         lines.append(f"| (a) control: shift on {len(rs)} random unit directions | mean abs r {np.mean(np.abs(rs)):.3f}, "
+                     f"max abs r {np.max(np.abs(rs)):.3f} | |")
+    if fts and all(r["set"] in dp_random for r in fts):  # the control for (b): ΔP on random directions
+        rs = [pearson_bootstrap_ci([dp_random[r["set"]][k] for r in fts], change)[0] for k in RANDOM_SEEDS]
+        res["(b) control: random-direction ΔP, r per direction"] = rs
+        lines.append(f"| (b) control: dataset ΔP on {len(rs)} random directions | mean abs r {np.mean(np.abs(rs)):.3f}, "
                      f"max abs r {np.max(np.abs(rs)):.3f} | |")
     sets = sorted({r["set"] for r in fts})  # the datasets are the units ΔP varies over: r over set means too
     mean_change = [float(np.mean([c for r, c in zip(fts, change, strict=True) if r["set"] == n])) for n in sets]
