@@ -72,6 +72,11 @@ def condition_of(row: dict[str, Any]) -> str:
     return str(row.get("condition", "plain"))
 
 
+def index(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int | None], dict[str, Any]]:
+    """Rows of one trait by (set, condition, seed): how the selection and the report look runs up."""
+    return {(r["set"], condition_of(r), r["seed"]): r for r in rows}
+
+
 def interventions_for(condition: str, vec: PersonaVector) -> Interventions:
     """'plain', 'caft', 'prevent:C' or 'penalty:W' → what the trainer does."""
     kind, _, value = condition.partition(":")
@@ -165,7 +170,7 @@ def removal(row: dict[str, Any], normal: dict[str, Any], plain: dict[str, Any], 
 
 def choose(rows: list[dict[str, Any]], kind: str, seed: int) -> str | None:
     """The coefficient chosen on half A at `seed` (None until the whole grid is measured)."""
-    by = {(r["set"], condition_of(r), r["seed"]): r for r in rows}
+    by = index(rows)
     normal, plain = by.get(("normal", "plain", seed)), by.get(("II", "plain", seed))
     grid = [by.get(("II", f"{kind}:{c:g}", seed)) for c in GRIDS[kind]]
     if normal is None or plain is None or any(g is None for g in grid):
@@ -178,8 +183,8 @@ def choose(rows: list[dict[str, Any]], kind: str, seed: int) -> str | None:
 def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: float | None,
             methods: tuple[str, ...] = ("infer", "prevent", "caft", "penalty")) -> None:
     """(c): grids at the first seed, the chosen coefficient (and CAFT) at every seed."""
-    def done() -> dict[tuple[str, str, int], dict[str, Any]]:
-        return {(r["set"], condition_of(r), r["seed"]): r for r in read_jsonl(runs_path) if r["trait"] == bench.trait}
+    def done() -> dict[tuple[str, str, int | None], dict[str, Any]]:
+        return index([r for r in read_jsonl(runs_path) if r["trait"] == bench.trait])
 
     def ensure(condition: str, seed: int) -> None:
         if ("II", condition, seed) not in done():
@@ -371,7 +376,7 @@ def correlations(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[s
 
 def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str]) -> None:
     """(c): per method, the chosen coefficient's removal share and perplexity cost on half B over seeds."""
-    by = {(r["set"], condition_of(r), r["seed"]): r for r in mine}
+    by = index(mine)
     seeds = sorted({r["seed"] for r in mine if r["set"] == "II" and condition_of(r) == "plain"})
     if not any(condition_of(r) != "plain" for r in mine) or not seeds:
         return
