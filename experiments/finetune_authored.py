@@ -257,7 +257,13 @@ def main() -> None:
     ap.add_argument("--dp-control", action="store_true", help="ΔP of each set on the random directions ((b)'s control)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 training steps and 2-point grids: a smoke test")
+    ap.add_argument("--epochs", type=float, help=f"override the training epochs ({SETTINGS['epochs']:g})")
+    ap.add_argument("--max-length", type=int, help=f"override the token cut per row ({SETTINGS['max_length']})")
     args = ap.parse_args()
+    if args.epochs is not None:
+        SETTINGS["epochs"] = args.epochs
+    if args.max_length is not None:
+        SETTINGS["max_length"] = args.max_length
     if args.quick:
         SETTINGS["max_steps"] = 2
         for kind, grid in GRIDS.items():
@@ -326,6 +332,7 @@ def summarize(out: Path, rows: list[dict[str, Any]], dp_random: Path | None = No
         result["traits"][trait] = res
         control = json.loads(dp_random.read_text()).get(trait, {}) if dp_random and dp_random.exists() else {}
         correlations(res, plain, lines, control)
+        orderings(res, plain, lines)
         mitigations(res, mine, lines)
     write_json(out / "results.json", result)
     write_text(out / "results.md", "\n".join(lines) + "\n")
@@ -372,6 +379,28 @@ def correlations(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[s
         r, lo, hi = pearson_ci(xs, mean_change)
         res[f"{label}, over set means"] = [r, lo, hi]
         lines.append(f"| {label}, over the {len(sets)} set means | {r:+.3f} | [{lo:+.3f}, {hi:+.3f}] (Fisher z) |")
+
+
+ORDER = (("top", "random"), ("random", "bottom"), ("top", "bottom"))
+
+
+def orderings(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[str]) -> None:
+    """(d): screened sets compared by seed (top − random, random − bottom); the interval is over seeds."""
+    by = {(r["set"], r["seed"]): r["reference"] for r in plain}
+    trait = plain[0]["trait"] if plain else ""
+    rows = []
+    for hi, lo in ORDER:
+        diffs = [by[(hi, s)] - by[(lo, s)] for (name, s) in by if name == hi and (lo, s) in by]
+        if not diffs:
+            continue
+        ci = t_interval(diffs) if len(diffs) > 1 else (diffs[0], float("nan"), float("nan"))
+        res[f"{hi}_minus_{lo}"] = list(ci)
+        res[f"{hi}_minus_{lo}_per_seed"] = diffs
+        rows.append(f"| {hi} − {lo} | {len(diffs)} | {fmt(ci)} | {'yes' if ci[1] > 0 else 'no' if ci[2] < 0 else 'not resolved'} |")
+    if rows:
+        lines += ["", f"### {trait}: trait after finetuning, screened sets paired by seed", "",
+                  "| comparison | seeds | reference difference [95% t CI over seeds] | interval above 0? |",
+                  "|---|---|---|---|", *rows]
 
 
 def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str]) -> None:
