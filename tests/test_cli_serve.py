@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 import personavec as pv
 import personavec.serve
-from personavec import cli, cli_serve
+from personavec import cli
 from personavec.cli import app
+from personavec.cli import serve as cli_serve
 from personavec.vectors import LAYER_CONVENTION
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -51,7 +52,7 @@ def no_server(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         calls.append({"model": model, "vectors": dict(vectors), "settings": settings})
         return "app"
 
-    monkeypatch.setattr(cli_serve, "_load", load)
+    monkeypatch.setattr(cli_serve, "load", load)
     monkeypatch.setattr(personavec.serve, "create_app", create_app)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append({"run": (a, k)}))
     return calls

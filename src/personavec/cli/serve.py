@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .cli import DeviceOpt, DtypeOpt, LayersPathOpt, ModelOpt, _load, app, err
-from .errors import PersonavecError
+from ..errors import PersonavecError
+from ._common import DeviceOpt, DtypeOpt, LayersPathOpt, ModelOpt, info, load
 
 if TYPE_CHECKING:
-    from .serve.schemas import SteerSpec
+    from ..serve.schemas import SteerSpec
 
 
 def steered_models(specs: list[str], vectors: Collection[str] | None = None) -> dict[str, list[SteerSpec]]:
@@ -20,7 +20,7 @@ def steered_models(specs: list[str], vectors: Collection[str] | None = None) -> 
     `serve.parse_steered_model`; a malformed spec, a name given twice or (when `vectors` is given) a vector
     the server does not load is a one-line PersonavecError, raised before the model loads. Layer ranges and
     clashes with the served model's name are checked by `create_app`, which knows the model."""
-    from .serve import parse_steered_model
+    from ..serve import parse_steered_model
 
     named: dict[str, list[SteerSpec]] = {}
     for spec in specs:
@@ -38,7 +38,6 @@ def steered_models(specs: list[str], vectors: Collection[str] | None = None) -> 
     return named
 
 
-@app.command("serve")
 def serve(
     vector: Annotated[list[Path], typer.Option(help="Persona vector file, named by its trait; repeat for several.")],
     model: ModelOpt = None,
@@ -46,7 +45,10 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="PERSONAVEC_API_KEY", show_envvar=True,
                                                 help="Require 'Authorization: Bearer KEY' (401 otherwise).")] = None,
-    max_queue: Annotated[int, typer.Option(help="Requests that may wait behind the running one; more get 429.")] = 16,
+    max_batch_size: Annotated[int, typer.Option(
+        help="Requests generated together in one continuous batch, each with its own steering; 1 runs one "
+             "request at a time.")] = 32,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait beyond the running batch; more get 429.")] = 16,
     max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 above).")] = 1 << 20,
     max_tokens_limit: Annotated[int, typer.Option(help="Most completion tokens per request (also the default).")] = 512,
     log: Annotated[Path | None, typer.Option(help="Append one JSONL line per request (persona readings, usage).")] = None,
@@ -66,21 +68,23 @@ def serve(
     monitoring ("persona") in every answer. Layer L = output of decoder block L."""
     import uvicorn
 
-    from .serve import ServeSettings, create_app, name_vectors
-    from .vectors import PersonaVector
+    from ..serve import ServeSettings, create_app, name_vectors
+    from ..vectors import PersonaVector
 
-    if max_queue < 0 or max_request_bytes < 1 or max_tokens_limit < 1:
-        raise PersonavecError("--max-queue must be >= 0, --max-request-bytes and --max-tokens-limit >= 1")
+    if max_queue < 0 or max_request_bytes < 1 or max_tokens_limit < 1 or max_batch_size < 1:
+        raise PersonavecError("--max-queue must be >= 0; --max-batch-size, --max-request-bytes and "
+                              "--max-tokens-limit >= 1")
     vectors = name_vectors([PersonaVector.load(p) for p in vector])  # fail on bad files before loading the model
     steered = steered_models(steered_model or [], vectors)  # and on bad specs
-    m = _load(model, device, dtype, layers_path)
-    settings = ServeSettings(api_key=api_key or None, max_queue=max_queue, max_request_bytes=max_request_bytes,
+    m = load(model, device, dtype, layers_path)
+    settings = ServeSettings(api_key=api_key or None, max_queue=max_queue, max_batch_size=max_batch_size,
+                             max_request_bytes=max_request_bytes,
                              max_tokens_limit=max_tokens_limit, log_path=log, log_prompts=log_prompts,
                              model_name=served_model_name, allow_model_mismatch=allow_model_mismatch,
                              steered_models=steered)
     server_app = create_app(m, vectors, settings)
     name = served_model_name or m.model_id
-    err.print(f"serving {name} with vectors {', '.join(vectors)} on http://{host}:{port}/v1"
+    info(f"serving {name} with vectors {', '.join(vectors)} on http://{host}:{port}/v1"
               + (f" (steered models: {', '.join(steered)})" if steered else "")
-              + (" (API key required)" if api_key else ""), highlight=False, soft_wrap=True)
+              + (" (API key required)" if api_key else ""))
     uvicorn.run(server_app, host=host, port=port, log_level="warning")

@@ -8,11 +8,21 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .cli import DeviceOpt, DtypeOpt, LayersPathOpt, ModelOpt, _load, _parse_floats, app, out, progress_bars
-from .errors import PersonavecError
+from ..errors import PersonavecError
+from ._common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    LayersPathOpt,
+    ModelOpt,
+    emit_json,
+    load,
+    out,
+    parse_floats,
+    progress_bars,
+)
 
 
-@app.command("monitor-eval")
 def monitor_eval_cmd(
     vector: Annotated[Path, typer.Option(help="Persona vector file (.pv.safetensors).")],
     trait: Annotated[str, typer.Option(help="Built-in trait name or trait YAML file (with graded_prompts).")],
@@ -34,19 +44,20 @@ def monitor_eval_cmd(
     model: ModelOpt = None,
     allow_model_mismatch: Annotated[bool, typer.Option(help="Use a vector made on other weights.")] = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """The paper's monitoring experiment: graded system prompts and many-shot prompts × evaluation questions;
     Pearson r between the last-prompt-token projection (before generation) and the trait of the answers."""
-    from .layers import check_layer
-    from .monitor import CONDITIONS, MonitorSettings, monitor_eval, store_calibration
-    from .traits import load_trait
-    from .vectors import PersonaVector
+    from ..layers import check_layer
+    from ..monitor import CONDITIONS, MonitorSettings, monitor_eval, store_calibration
+    from ..traits import load_trait
+    from ..vectors import PersonaVector
 
     loaded = load_trait(trait)
     vec = PersonaVector.load(vector)
     if layer is not None:
         check_layer(layer, vec.n_layers)
-    sizes = _parse_floats(shots, "--shots") or [0, 5, 10, 15, 20]
+    sizes = parse_floats(shots, "--shots") or [0, 5, 10, 15, 20]
     if any(k != int(k) for k in sizes):
         raise PersonavecError("--shots must be whole numbers, e.g. 0,5,10,15,20")
     conditions = tuple(x for c in condition or list(CONDITIONS) for x in c.split(",") if x.strip())
@@ -54,13 +65,18 @@ def monitor_eval_cmd(
                                temperature=temperature, shots=tuple(int(k) for k in sizes), shot_tokens=shot_tokens,
                                conditions=conditions, judge_free=judge_free, seed=seed)
     settings.validate()
-    m = _load(model, device, dtype, layers_path)
+    m = load(model, device, dtype, layers_path)
     with progress_bars() as cb:
         result = monitor_eval(m, loaded, vec, judge=judge, settings=settings, layer=layer, run_dir=out_dir,
                               allow_mismatch=allow_model_mismatch, progress=cb)
-    _print(result)
     if write_threshold:
         store_calibration(vector, result)
+    if as_json:
+        emit_json({**result, "run_dir": out_dir, "threshold_written": write_threshold,
+                   "files": {n: out_dir / n for n in ("results.json", "results.csv", "monitor.png")}})
+        return
+    _print(result)
+    if write_threshold:
         out.print(f"wrote meta 'monitor' (layer {result['layer']}, threshold "
                   f"{_f(result['monitor_meta']['threshold'])}) into {vector}")
     out.print(f"results in {out_dir}/results.json, results.csv and monitor.png")

@@ -1,9 +1,9 @@
-"""`personavec train`, `personavec shift` and `personavec data elicit`: training-time steering."""
+"""`personavec train`, `personavec shift` and `personavec data ...`: training-time steering and the datasets
+it trains on."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,12 +11,11 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .cli import DeviceOpt, LayersPathOpt, ModelOpt, _load, app, err, out, progress_bars
-from .errors import PersonavecError
-from .progress import no_progress
+from ..errors import PersonavecError
+from ..progress import no_progress
+from ._common import DeviceOpt, JsonOpt, LayersPathOpt, ModelOpt, emit_json, info, load, out, progress_bars
 
 data_app = typer.Typer(no_args_is_help=True, help="Build finetuning datasets.")
-app.add_typer(data_app, name="data")
 import_app = typer.Typer(no_args_is_help=True, help="Turn other datasets into conversation JSONL.")
 data_app.add_typer(import_app, name="import")
 
@@ -25,7 +24,7 @@ MismatchOpt = Annotated[bool, typer.Option(help="Use vectors or adapters made on
 
 
 def _vector(path: Path | None) -> Any:
-    from .vectors import PersonaVector
+    from ..vectors import PersonaVector
 
     return PersonaVector.load(path) if path is not None else None
 
@@ -39,7 +38,6 @@ def _layer(text: str | None) -> int | str | None:
         raise PersonavecError(f"--layer must be a layer number (1..n, output of block L) or 'all', got {text!r}") from None
 
 
-@app.command("train")
 def train_cmd(
     data: Annotated[Path, typer.Argument(help="Chat dataset: JSONL or Parquet rows of {\"messages\": [...]}.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, adapter, summary.")],
@@ -70,12 +68,13 @@ def train_cmd(
                                               "(default: the vector's trait).")] = None,
     allow_model_mismatch: MismatchOpt = False,
     device: DeviceOpt = None, dtype: TrainDtypeOpt = "float32", layers_path: LayersPathOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """LoRA-finetune on a chat dataset (loss on assistant tokens), optionally with training-time steering.
 
     Resumes from the newest checkpoint in --out. Several GPUs (DDP, one process each; --batch-size is per
     process): `accelerate launch --num_processes N -m personavec.cli train ...`."""
-    from .training import Interventions, TrainSettings, load_dataset, train
+    from ..training import Interventions, TrainSettings, load_dataset, train
 
     settings = TrainSettings(rank=rank, alpha=alpha, rslora=rslora, lr=lr, epochs=epochs, batch_size=batch_size,
                              grad_accum=grad_accum, max_steps=max_steps, max_length=max_length,
@@ -85,24 +84,27 @@ def train_cmd(
     shift_vec = _vector(vector) or prev or abl
     iv = Interventions(preventative=prev, coef=coef, layer=_layer(layer), ablate=abl, penalty=projection_penalty,
                        penalty_vector=shift_vec)
-    m = _load(model, device, dtype, layers_path)
+    m = load(model, device, dtype, layers_path)
     _, summary = load_dataset(data, m.tokenizer, max_length)  # fail fast, and say what was skipped
     main = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`, only the main process reports
     if main:
-        err.print(summary.line(), highlight=False)
+        info(summary.line())
     with progress_bars() if main else contextlib.nullcontext(no_progress) as cb:
         result = train(m, data, out_dir, settings, iv, shift_vector=shift_vec, shift_trait=trait,
                        allow_mismatch=allow_model_mismatch, progress=cb)
     if not result.main:
         return
     last = result.losses[-1]["loss"] if result.losses else float("nan")
+    if as_json:
+        emit_json({"out": out_dir, "steps": result.steps, "resumed_from": result.resumed_from, "last_loss": last,
+                   "losses": result.losses, "shifts": result.shifts, "dataset": result.dataset})
+        return
     shift = f"; finetuning shift at layer {result.shifts[-1]['layer']}: {result.shifts[-1]['shift']:+.3f}" \
         if result.shifts else ""
     resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
     out.print(f"wrote adapter {out_dir}: {result.steps} steps{resumed}, last loss {last:.4f}{shift}", highlight=False)
 
 
-@app.command("shift")
 def shift_cmd(
     adapter: Annotated[Path, typer.Option(help="Adapter folder (the --out of 'personavec train').")],
     vector: Annotated[Path, typer.Option(help="Persona vector file.")],
@@ -116,20 +118,20 @@ def shift_cmd(
 ) -> None:
     """Finetuning shift: (finetuned − base) mean last-prompt activation on the evaluation questions,
     projected on the unit persona vector, per layer (layer L = output of block L)."""
-    from .training import adapter_base, attach_adapter, finetuning_shift
+    from ..training import adapter_base, attach_adapter, finetuning_shift
 
     vec = _vector(vector)
-    info = adapter_base(adapter)
-    spec = base if base is not None else info["source"]
+    adapter_info = adapter_base(adapter)
+    spec = base if base is not None else adapter_info["source"]
     if not spec:
         raise PersonavecError(f"adapter '{adapter}' does not say its base model; pass --base")
-    m = _load(None if spec == "embedded" else spec, device, dtype, layers_path)
+    m = load(None if spec == "embedded" else spec, device, dtype, layers_path)
     vec.check_model(m, allow_model_mismatch)
     ft = attach_adapter(m, adapter, allow_mismatch=allow_model_mismatch)
     with progress_bars() as cb:
         result = finetuning_shift(ft, vec, trait, n_questions=n_questions, progress=cb)
     if as_json:
-        out.print_json(json.dumps(result))
+        emit_json(result)
         return
     table = Table(title=f"finetuning shift along '{vec.trait}' ({result['n_questions']} evaluation questions)")
     table.add_column("layer (output of block L)", justify="right")
@@ -155,12 +157,13 @@ def elicit_cmd(
     model: ModelOpt = None, device: DeviceOpt = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bf16 where fast).")] = None,
     layers_path: LayersPathOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Trait-eliciting finetuning sets from the model's own answers (no API): normal (negative prompts),
     level1 (mild prompts), level2 (strong positive prompts); saved without the system prompt."""
-    from .data import ElicitSettings, elicit
-    from .io import read_jsonl
-    from .traits import load_trait
+    from ..data import ElicitSettings, elicit
+    from ..io import read_jsonl
+    from ..traits import load_trait
 
     loaded = load_trait(trait)
     extra = None
@@ -171,11 +174,16 @@ def elicit_cmd(
     settings = ElicitSettings(rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature,
                               seed=seed, n_prompts=n_prompts, batch_size=batch_size)
     settings.validate()
-    m = _load(model, device, dtype, layers_path)
+    m = load(model, device, dtype, layers_path)
     with progress_bars() as cb:
         paths = elicit(m, loaded, out_dir, settings=settings, extra_questions=extra, progress=cb)
+    rows = {level: len(read_jsonl(path)) for level, path in paths.items()}
+    if as_json:
+        emit_json({"out": out_dir, "trait": loaded.trait.name,
+                   "levels": {level: {"path": path, "rows": rows[level]} for level, path in paths.items()}})
+        return
     for level, path in paths.items():
-        out.print(f"{level}: {path} ({len(read_jsonl(path))} rows)", highlight=False)
+        out.print(f"{level}: {path} ({rows[level]} rows)", highlight=False)
 
 
 @import_app.command("sharegpt")
@@ -186,11 +194,15 @@ def import_sharegpt_cmd(
     turns: Annotated[str, typer.Option(help="first (first human turn + reply) | all (every turn)")] = "first",
     language: Annotated[str | None, typer.Option(help="Keep only this language (ISO code, e.g. en; langdetect).")] = None,
     limit: Annotated[int | None, typer.Option(help="Stop after N written conversations.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Real ShareGPT chat logs as conversation JSONL for `screen` and `train`; the file is read incrementally
     and a source cut short mid-record ends cleanly at the last complete conversation."""
-    from .sharegpt import import_sharegpt
+    from ..sharegpt import import_sharegpt
 
     with progress_bars() as cb:
         summary = import_sharegpt(out_path, source, turns=turns, language=language, limit=limit, progress=cb)
+    if as_json:
+        emit_json(summary)
+        return
     out.print(summary.line())

@@ -8,8 +8,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .cli import DeviceOpt, DtypeOpt, LayersPathOpt, ModelOpt, _load, app, err, out, progress_bars
-from .errors import PersonavecError
+from ..errors import PersonavecError
+from ._common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    LayersPathOpt,
+    ModelOpt,
+    emit_json,
+    load,
+    out,
+    progress_bars,
+    warn,
+)
 
 
 def _parse_thresholds(values: list[str] | None) -> float | dict[str, float] | None:
@@ -30,7 +41,6 @@ def _parse_thresholds(values: list[str] | None) -> float | dict[str, float] | No
     return per
 
 
-@app.command("screen")
 def screen_cmd(
     data: Annotated[Path, typer.Argument(help="JSONL or Parquet conversations ('messages'; the last assistant "
                                          "turn is the response). Never modified.")],
@@ -60,18 +70,19 @@ def screen_cmd(
     model: ModelOpt = None,
     allow_model_mismatch: Annotated[bool, typer.Option(help="Use vectors made on other weights.")] = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Screen training data: projection difference ΔP per sample and per dataset, flags and a filtered copy."""
-    from .screen import screen
-    from .screening.source import precheck
-    from .vectors import PersonaVector
+    from ..screen import screen
+    from ..screening.source import precheck
+    from ..vectors import PersonaVector
 
     precheck(data)
     if calibrate is not None:
         precheck(calibrate)
     vecs = [PersonaVector.load(v) for v in vector]
     thr = _parse_thresholds(threshold)
-    m = _load(model, device, dtype, layers_path)
+    m = load(model, device, dtype, layers_path)
     with progress_bars() as cb:
         res = screen(m, data, vecs, out_path, fast=fast, max_new_tokens=max_new_tokens, layer=layer,
                      batch_size=batch_size, chunk_size=chunk_size, threshold=thr, calibrate=calibrate,
@@ -79,6 +90,12 @@ def screen_cmd(
                      workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      allow_mismatch=allow_model_mismatch, histograms=histograms, progress=cb)
     s = res.summary
+    if s["rejected"]:
+        warn(f"{s['rejected']} rows rejected ({', '.join(f'{k}: {v}' for k, v in s['reject_reasons'].items())}); "
+             f"reasons in {res.rejects}")
+    if as_json:
+        emit_json(res)
+        return
     table = Table("trait", "layer", "mean ΔP [95% CI]", "threshold", "flagged",
                   title=f"{s['scored']} samples scored, {s['rejected']} rejected — {s['mode']}")
     for t, d in s["traits"].items():
@@ -90,6 +107,3 @@ def screen_cmd(
     out.print(f"scores {res.scores}; rejects {res.rejects}; summary {res.summary_path}"
               + (f"; histograms {', '.join(map(str, res.histograms))}" if res.histograms else "")
               + (f"; filtered copy {res.filtered} ({s['filtered']['rows']} rows)" if res.filtered else ""))
-    if s["rejected"]:
-        err.print(f"{s['rejected']} rows rejected ({', '.join(f'{k}: {v}' for k, v in s['reject_reasons'].items())}); "
-                  f"reasons in {res.rejects}", highlight=False)

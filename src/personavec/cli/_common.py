@@ -1,0 +1,206 @@
+"""What every command shares: the consoles, the options given before the command name (model loading,
+--quiet), model loading, progress bars, JSON output and the parsers of list options. No command here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from ..errors import PersonavecError
+from ..progress import no_progress
+
+out = Console()
+err = Console(stderr=True)
+
+# The options of this invocation given before the command name (set afresh by `root` each time: the
+# in-process test runner reuses these modules).
+_LOADING: dict[str, Any] = {}  # model loading, read by `load`
+_STATE: dict[str, Any] = {"quiet": False}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .._version import __version__
+
+        typer.echo(f"personavec {__version__}")
+        raise typer.Exit()
+
+
+def root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit.")] = False,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, spinners or informational "
+                                             "lines on stderr (results and errors still print).")] = False,
+         # How every command below loads its model (read by load); given before the command name.
+         device_map: Annotated[str | None, typer.Option(help="Place the model's modules with accelerate: auto, "
+                                                        "balanced, sequential, or a JSON object of module → "
+                                                        "device ('cpu', 'disk', 0, 'cuda:1'); replaces --device.")] = None,
+         load_in: Annotated[str | None, typer.Option(help="8bit or 4bit: quantize with bitsandbytes "
+                                                     "(needs a CUDA GPU).")] = None,
+         revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of --model.")] = None,
+         trust_remote_code: Annotated[bool, typer.Option(help="Run the model repository's own code "
+                                                         "(only for repositories you trust).")] = False,
+         offload_folder: Annotated[Path | None, typer.Option(help="Folder for modules --device-map puts on "
+                                                             "'disk'.")] = None) -> None:
+    """Options that apply before any command (model loading: `personavec --device-map auto extract ...`;
+    `personavec -q ...` for quiet scripts)."""
+    _LOADING.clear()
+    _LOADING.update(device_map=device_map, load_in=load_in, revision=revision,
+                    trust_remote_code=trust_remote_code, offload_folder=offload_folder)
+    _STATE["quiet"] = quiet
+
+
+def quiet() -> bool:
+    """Whether -q/--quiet was given before the command name."""
+    return bool(_STATE["quiet"])
+
+
+def _loading_options() -> dict[str, Any]:
+    """The keyword arguments of load_model that the options before the command name set (see root)."""
+    options = dict(_LOADING)
+    device_map = options.get("device_map")
+    if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
+        try:
+            options["device_map"] = json.loads(device_map)
+        except json.JSONDecodeError as exc:
+            raise PersonavecError(f"--device-map is not a JSON object ({exc.msg}); pass auto, balanced, "
+                                  'sequential or e.g. \'{"model.layers.0": 0, "lm_head": "cpu"}\'') from None
+    return options
+
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, model folder or .gguf file "
+                                              "(default: the embedded SmolLM2-135M-Instruct).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best available).")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bf16 where fast).")]
+LayersPathOpt = Annotated[str | None, typer.Option("--layers-path", help="Dotted path of the decoder blocks, "
+                                                   "for architectures discovery does not know.")]
+JudgeOpt = Annotated[str, typer.Option(help="Trait measure: auto (reference when the trait has authored "
+                                       "references, else contrast) | reference | contrast | local | "
+                                       "local:MODEL | openai:MODEL[@URL]")]
+ControlOpt = Annotated[list[str] | None, typer.Option(help="Control direction run at the same layers and "
+                                                      "coefficients, at the vector's per-layer norm: 'random' "
+                                                      "(or random:SEED) or another vector file; repeatable.")]
+HalfOpt = Annotated[str, typer.Option(help="Evaluation questions: all | first | second half (choose settings "
+                                      "on one half, report on the other).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout "
+                                       "(progress and warnings on stderr).")]
+
+
+@contextmanager
+def progress_bars() -> Iterator[Any]:
+    """A rich progress display on stderr and a library callback that feeds it, one bar per task name;
+    under --quiet, a callback that draws nothing."""
+    if quiet():
+        yield no_progress
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=False) as bars:
+        ids: dict[str, Any] = {}
+
+        def callback(task: str, done: int, total: int) -> None:
+            if task not in ids:
+                ids[task] = bars.add_task(task, total=total)
+            bars.update(ids[task], completed=done, total=total)
+
+        yield callback
+
+
+def info(message: str) -> None:
+    """An informational line on stderr (silenced by --quiet)."""
+    if not quiet():
+        err.print(message, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr (printed even under --quiet)."""
+    err.print(message, highlight=False, soft_wrap=True)
+
+
+def load(model: str | None, device: str | None, dtype: str | None, layers_path: str | None) -> Any:
+    """Load the model a command names, with the loading options given before the command name."""
+    from ..models import load_model
+
+    spinner = nullcontext() if quiet() else err.status(f"loading {model or 'the embedded model'}…")
+    with spinner:
+        return load_model(model, device=device, dtype=dtype, layers_path=layers_path, **_loading_options())
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with paths, dataclasses, numpy and torch values made plain JSON (non-finite floats → null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if hasattr(value, "model_dump"):  # pydantic
+        return jsonable(value.model_dump())
+    if hasattr(value, "tolist"):  # numpy and torch scalars and arrays
+        return jsonable(value.tolist())
+    return str(value)
+
+
+def emit_json(result: Any) -> None:
+    """The command's one JSON document on stdout (nothing else goes to stdout under --json)."""
+    sys.stdout.write(json.dumps(jsonable(result), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def parse_floats(values: list[str] | None, name: str) -> list[float] | None:
+    """'-2,0,2' or repeated options → floats; None when not given."""
+    if not values:
+        return None
+    try:
+        parsed = [float(x) for v in values for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise PersonavecError(f"{name} must be numbers like -2,0,2, got {' '.join(values)}") from None
+    if not parsed:
+        raise PersonavecError(f"{name} is empty")
+    return parsed
+
+
+def parse_layer(text: str) -> int | list[int] | str:
+    """--layer of generate: 'L', 'a,b' or 'all'."""
+    if text == "all":
+        return "all"
+    try:
+        parts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PersonavecError(f"--layer must be an integer, a comma list or 'all', got '{text}'") from None
+    if not parts:
+        raise PersonavecError("--layer is empty")
+    return parts[0] if len(parts) == 1 else parts
+
+
+def main_with(app: typer.Typer) -> None:
+    """Run `app` as a console script: a user's error is one line and status 2, ^C status 130."""
+    try:
+        app()
+    except PersonavecError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; rerun the same command to resume where a run folder is used")
+        sys.exit(130)

@@ -1,0 +1,69 @@
+"""`personavec generate`: answers, unsteered or at several steering coefficients (the loop lives in
+`personavec.generate_grid`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import PersonavecError
+from ._common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    LayersPathOpt,
+    ModelOpt,
+    emit_json,
+    load,
+    out,
+    parse_layer,
+    progress_bars,
+)
+
+
+def generate(
+    prompts: Annotated[list[str] | None, typer.Argument(help="User messages to answer.")] = None,
+    file: Annotated[Path | None, typer.Option(help="A text file with one prompt per line.")] = None,
+    vector: Annotated[Path | None, typer.Option(help="Persona vector file to steer with.")] = None,
+    layer: Annotated[str | None, typer.Option(help="Layer L (1..n; L = output of block L), 'a,b' or 'all'. "
+                                              "Default: the vector's chosen layer.")] = None,
+    coef: Annotated[list[float] | None, typer.Option(help="Steering coefficient; repeat to compare several.")] = None,
+    positions: Annotated[str, typer.Option(help="all | prompt | response")] = "response",
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    model: ModelOpt = None,
+    max_new_tokens: int = 96, temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    seed: int = 0,
+    allow_model_mismatch: Annotated[bool, typer.Option(help="Apply a vector made on other weights.")] = False,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer prompts, optionally steered by a persona vector at one or more coefficients."""
+    from ..generate_grid import generate_grid, plan_grid
+    from ..vectors import PersonaVector
+
+    texts = list(prompts or [])
+    if file is not None:
+        if not file.is_file():
+            raise PersonavecError(f"prompt file '{file}' does not exist")
+        texts += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise PersonavecError("no prompts: pass them as arguments or with --file")
+    vec = PersonaVector.load(vector) if vector else None
+    # check what the vector alone can tell before paying for the model
+    chosen, coefs = plan_grid(vec, parse_layer(layer) if layer is not None and vec is not None else None, coef)
+    m = load(model, device, dtype, layers_path)
+    with progress_bars() as cb:
+        result = generate_grid(m, texts, vec, layer=chosen, coefs=coefs, positions=positions, system=system,
+                               max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                               allow_mismatch=allow_model_mismatch, progress=cb)
+    if as_json:
+        emit_json({**result.to_dict(), "vector": vector})
+        return
+    where = f" at layer {chosen}" if vec is not None else ""
+    for row in result.rows:
+        out.rule(f"[bold]{row.prompt}")
+        for c, answer in zip(result.coefs, row.answers, strict=True):
+            label = f"coef {c:+g}{where}" if vec is not None else "answer"
+            out.print(f"[cyan]{label}:[/cyan] {answer}")
