@@ -37,30 +37,11 @@ import pyarrow.csv as pacsv
 import personavec as pv
 from personavec.data import ElicitSettings, elicit, mix
 from personavec.screen import screen
+from personavec.stats import auc as roc_auc
+from personavec.stats import auc_ci
 from personavec.traits import LoadedTrait
 
 CONTAMINATION = (0.0, 0.10, 0.25, 0.50, 1.0)
-
-
-def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(ΔP of a random positive > ΔP of a random negative), ties counted half (Mann-Whitney U)."""
-    diff = pos[:, None] - neg[None, :]
-    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
-
-
-def auc_ci(score: np.ndarray, y: np.ndarray, cluster: np.ndarray, reps: int = 2000,
-           seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the ROC AUC, resampling whole questions (rows that share a question
-    share its base answer and last prompt token, so they are not independent)."""
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(cluster == c) for c in np.unique(cluster)]
-    stats = []
-    for _ in range(reps):
-        rows = np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))])
-        if 0 < y[rows].sum() < len(rows):
-            stats.append(roc_auc(score[rows][y[rows] == 1], score[rows][y[rows] == 0]))
-    low, high = np.percentile(stats, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def bag_of_words_scores(texts: list[str], y: np.ndarray, cluster: np.ndarray, folds: int = 5,

@@ -21,28 +21,13 @@ from pathlib import Path
 
 import personavec as pv
 from personavec.capability import perplexity
-from personavec.evaluate import EvalSettings, judge_free_measure, mean_se, reference_answers
+from personavec.evaluate import EvalSettings, judge_free_measure, reference_answers
 from personavec.io import write_json, write_text
+from personavec.stats import mean_se, spearman
 from personavec.sweep import sweep
 from personavec.traits import LoadedTrait
 
 COEFS = (-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0)
-
-
-def spearman(xs: list[float], ys: list[float]) -> float:
-    def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for rank, i in enumerate(order):
-            r[i] = float(rank)
-        return r
-
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    sx = sum((a - mx) ** 2 for a in rx) ** 0.5
-    sy = sum((b - my) ** 2 for b in ry) ** 0.5
-    return cov / (sx * sy)
 
 
 def held_out(loaded: LoadedTrait, start: int) -> LoadedTrait:

@@ -41,11 +41,11 @@ import personavec as pv
 from personavec.capability import perplexity
 from personavec.chat import messages_for
 from personavec.data import ElicitSettings, elicit, mix
-from personavec.evaluate import EvalSettings, judge_free_measure, mean_se, reference_answers
+from personavec.evaluate import EvalSettings, judge_free_measure, reference_answers
 from personavec.io import append_jsonl, read_jsonl, write_json, write_text
 from personavec.judges import JudgeItem
 from personavec.judges.contrast import ContrastJudge
-from personavec.monitor import pearson
+from personavec.stats import mean_se, pearson
 from personavec.training import Interventions, TrainSettings, attach_adapter, train
 from personavec.training.shift import eval_prompts, last_prompt_means, project
 from personavec.traits import LoadedTrait

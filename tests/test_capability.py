@@ -12,6 +12,7 @@ import torch
 
 import personavec as pv
 from personavec.capability import mmlu, neutral_texts, perplexity, quiz_accuracy, quiz_items
+from personavec.capture import read
 
 
 def test_shipped_sets_are_small_and_balanced() -> None:
@@ -34,8 +35,8 @@ def test_perplexity_sane_and_batch_invariant(model: pv.Model) -> None:
 def test_steering_raises_perplexity_and_is_undone(model: pv.Model) -> None:
     texts = neutral_texts()[:8]
     base = perplexity(model, texts)
-    seen: list[torch.Tensor] = []  # read layer 15 (output of block 14; 0 = embeddings) with a zero transform
-    with pv.intervene(model, {15: lambda h: seen.append(h.detach()) or torch.zeros_like(h)}, positions="all"):
+    seen: list[torch.Tensor] = []  # read layer 15 (output of block 14; 0 = embeddings)
+    with read(model, [15], lambda _layer, h: seen.append(h.detach())):
         perplexity(model, texts[:1])
     typical = float(seen[0][0, 1:].float().norm(dim=-1).median())  # token 0 carries a huge attention-sink norm
     v = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))

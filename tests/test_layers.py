@@ -37,7 +37,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from personavec.capture import Sample, capture_means, iter_reductions
+from personavec.capture import Sample, capture_means, iter_reductions, read
 from personavec.chat import pad_batch
 from personavec.errors import LayerError
 from personavec.layers import block_output, check_layer, find_layers
@@ -201,6 +201,81 @@ def test_capture_batched_equals_unbatched(tiny: Model) -> None:
     for p in one:
         torch.testing.assert_close(two[p], one[p], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(sub[p], one[p][[1, N_LAYERS]], atol=1e-5, rtol=1e-4)
+
+
+def test_read_reads_stops_early_and_cleans_up(tiny: Model) -> None:
+    """`read` hands each wanted layer's output to the reader (0 = embeddings); with stop_after the forward
+    ends after the deepest one (the last block never runs) and the stop does not escape the block; a reading
+    nested in another ends only its own forward; errors pass through and every hook comes off."""
+    ids = torch.tensor([_samples()[0].prompt])
+    with torch.no_grad():
+        ref = tiny.hf(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    seen: dict[int, torch.Tensor] = {}
+    last: list[int] = []
+    before = _hook_ids(tiny)
+    with torch.no_grad(), read(tiny, [N_LAYERS], lambda layer, _h: last.append(layer)):
+        with read(tiny, [0, 2], lambda layer, h: seen.__setitem__(layer, h.detach()), stop_after=True):
+            assert tiny.hf(input_ids=ids, use_cache=False) is None  # never reached: the forward stopped
+        assert last == [] and sorted(seen) == [0, 2]
+        for layer in (0, 2):
+            torch.testing.assert_close(seen[layer], ref[layer], atol=1e-5, rtol=1e-4)
+        with read(tiny, [1], lambda _l, _h: None, stop_after=True), read(tiny, [2], lambda _l, _h: None,
+                                                                              stop_after=True):
+            tiny.hf(input_ids=ids, use_cache=False)  # the inner reading (layer 2) never ends: the outer stop wins
+        tiny.hf(input_ids=ids, use_cache=False)
+        assert last == [N_LAYERS]
+    with pytest.raises(RuntimeError, match="boom"), read(tiny, [1], lambda _l, _h: None, stop_after=True):
+        raise RuntimeError("boom")
+    with pytest.raises(LayerError, match=r"0\.\.3"), read(tiny, [N_LAYERS + 1], lambda _l, _h: None):
+        pass
+    assert _hook_ids(tiny) == before
+
+
+@pytest.mark.parametrize("positions", ["response", "prompt"])
+def test_steer_while_capturing_matches_hand_written_hook(tiny: Model, positions: str) -> None:
+    """`with steer(...): capture_means(...)` over a right-padded batch: capture declares each row's prompt
+    length, so steering acts on every row's own positions ("response" = from the last prompt token on,
+    "prompt" = the prompt tokens), not on the batch's last column. Checked against one plain forward with a
+    hand-written hook that adds the vector at exactly those positions and reductions taken by hand."""
+    samples = _samples()
+    layer, read_layers, vec = 1, [2, N_LAYERS], _unit(5, scale=4.0)
+    reductions = ("response", "prompt", "last_prompt")
+    with steer(tiny, {layer: vec}, coef=1.0, positions=positions):
+        got = capture_means(tiny, samples, layers=read_layers, positions=reductions, batch_size=16)
+    plain = capture_means(tiny, samples, layers=read_layers, positions=reductions, batch_size=16)
+
+    ids, mask = pad_batch([s.prompt + s.response for s in samples], PAD, side="right")
+    plen = torch.tensor([len(s.prompt) for s in samples])[:, None]
+    col = torch.arange(ids.shape[1])[None, :]
+    where = (col >= plen - 1) if positions == "response" else (col < plen)
+
+    def add(_m: nn.Module, _a: Any, out: Any) -> Any:
+        h = out[0] if isinstance(out, tuple) else out
+        h = h + where[..., None].to(h.dtype) * vec
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [tiny.layers[layer - 1].register_forward_hook(add)]
+    hooks += [tiny.layers[ly - 1].register_forward_hook(
+        lambda _m, _a, out, ly=ly: seen.__setitem__(ly, (out[0] if isinstance(out, tuple) else out).detach()))
+        for ly in read_layers]
+    try:
+        with torch.no_grad():
+            tiny.hf(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    hidden = torch.stack([seen[ly] for ly in read_layers], dim=1)  # [batch, len(read_layers), seq, hidden]
+    ref = {"response": torch.stack([hidden[i, :, len(s.prompt):len(s.prompt) + len(s.response)].mean(1)
+                                    for i, s in enumerate(samples)]).mean(0),
+           "prompt": torch.stack([hidden[i, :, :len(s.prompt)].mean(1) for i, s in enumerate(samples)]).mean(0),
+           "last_prompt": torch.stack([hidden[i, :, len(s.prompt) - 1] for i, s in enumerate(samples)]).mean(0)}
+    for p in reductions:
+        torch.testing.assert_close(got[p], ref[p], atol=1e-5, rtol=1e-4, msg=f"{tiny.model_id} {positions}: {p}")
+    # the steering reached every row's positions (a last-column-only steer would leave the prompt alone)
+    assert not torch.allclose(got["prompt" if positions == "prompt" else "response"],
+                              plain["prompt" if positions == "prompt" else "response"], atol=1e-3)
+    assert not torch.allclose(got["last_prompt"], plain["last_prompt"], atol=1e-3)
 
 
 # 3. steering --------------------------------------------------------------------------------------------

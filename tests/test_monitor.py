@@ -25,11 +25,11 @@ from personavec.monitor import (
     best_threshold,
     calibrate,
     monitor_eval,
-    pearson,
     prompt_readings,
     store_calibration,
 )
 from personavec.projection import directions, project
+from personavec.stats import pearson
 from personavec.traits import LoadedTrait, load_trait
 
 TINY = MonitorSettings(n_questions=1, max_new_tokens=4, shots=(0, 2), shot_tokens=6, temperature=0.0)

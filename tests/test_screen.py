@@ -21,7 +21,7 @@ import torch
 import personavec as pv
 from personavec.errors import VectorError
 from personavec.screen import DatasetError, screen
-from personavec.screening.stats import mean_ci, t_quantile
+from personavec.stats import mean_ci, t_quantile
 
 Q1 = "My coworker keeps taking credit for my work. What should I do about it?"
 Q2 = "My neighbor's dog barks all night. How should I handle this?"

@@ -1,13 +1,19 @@
-"""Activation capture: per-sample reductions of the residual stream at chosen layers, computed inside
-forward hooks so that no [batch, tokens, hidden] tensor outlives its layer, and the forward pass stops
-right after the last layer needed (the LM head never runs).
+"""Activation capture: `read` is the one primitive that reads block outputs (read-only forward hooks,
+removed on exit, with an optional early stop after the deepest layer needed); on it stand the per-sample
+reductions of the residual stream at chosen layers (`iter_reductions`, `capture_means`), computed inside
+the hooks so that no [batch, tokens, hidden] tensor outlives its layer, with the forward pass stopped right
+after the last layer needed (the LM head never runs), and also `projection.watch` and the trainer's
+projection penalty.
+
+Cache-free capture forwards declare each row's prompt length (`steering.sequence_layout`), so steering that
+is active meanwhile ("prompt" / "response" positions) acts on the same tokens as during generation.
 
 Layer numbering: 0 = embedding output (input of block 0), L = output of decoder block L-1."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +23,7 @@ from .chat import batches_by_length, pad_batch
 from .errors import LayerError
 from .layers import block_output
 from .progress import Progress, no_progress
+from .steering import sequence_layout
 
 if TYPE_CHECKING:
     from .models import Model
@@ -35,7 +42,53 @@ class Sample:
 
 
 class _Stop(Exception):
-    """Raised by the hook on the last needed layer to end the forward pass early."""
+    """Raised by `read`'s hook on the deepest layer to end a forward pass early. It carries a token of the
+    reading that raised it, so a reading nested in another only ever ends its own forward; a fresh instance
+    per stop (never one kept in the hook's closure) lets the forward's frames and activations go at once."""
+
+
+Reader = Callable[[int, torch.Tensor], None]  # (layer, hidden [batch, seq, hidden]) -> None
+
+
+@contextmanager
+def read(model: Model, layers: Iterable[int], fn: Reader, *, stop_after: bool = False) -> Iterator[None]:
+    """THE way to read block outputs: call `fn(layer, hidden)` with the output of every layer in `layers`
+    (0 = embedding output, the input of block 0; L = output of block L-1) in each forward pass run inside
+    the block. `hidden` is the block's own tensor (on its block's device, in the model's dtype, with its
+    autograd graph): detach it to keep it past the step, or reduce it in `fn`. Nothing in the model's
+    computation changes; the hooks are removed on exit, even after an error.
+
+    `stop_after=True` ends each forward right after the deepest layer was read (later blocks and the LM
+    head never run) and swallows that stop on exit, so the block should hold exactly one forward pass:
+    `with read(model, layers, fn, stop_after=True): model.hf(...)`."""
+    wanted = sorted(set(layers))
+    n = model.n_layers
+    if not wanted or wanted[0] < 0 or wanted[-1] > n:
+        raise LayerError(f"read layers must lie in 0..{n} (0 = embeddings), got {wanted}")
+    last = wanted[-1]
+    token = object()
+
+    def call(layer: int, hidden: torch.Tensor) -> None:
+        fn(layer, hidden)
+        if stop_after and layer == last:
+            raise _Stop(token)
+
+    handles = []
+    try:
+        if wanted[0] == 0:
+            handles.append(model.layers[0].register_forward_pre_hook(
+                lambda _m, args, kwargs: call(0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+        for layer in wanted:
+            if layer > 0:
+                handles.append(model.layers[layer - 1].register_forward_hook(
+                    lambda _m, _a, out, layer=layer: call(layer, block_output(out))))
+        yield
+    except _Stop as exc:
+        if not exc.args or exc.args[0] is not token:
+            raise
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _masks(samples: Sequence[Sample], width: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -73,7 +126,6 @@ def iter_reductions(model: Model, samples: Sequence[Sample], *, layers: Sequence
     if bad:
         raise ValueError(f"unknown positions {bad}; choose from {POSITIONS}")
     slot = {layer: k for k, layer in enumerate(wanted)}
-    last = wanted[-1]
     lengths = [len(s.prompt) + len(s.response) for s in samples]
     groups = batches_by_length(lengths, max_tokens=max_tokens, max_batch=batch_size)
     state: dict[str, Any] = {}
@@ -86,36 +138,23 @@ def iter_reductions(model: Model, samples: Sequence[Sample], *, layers: Sequence
         for p in positions:
             out = state["out"][p]
             out[:, slot[layer]] = _reduce(hidden, p, masks).to(out.device)
-        if layer == last:
-            raise _Stop
 
-    handles = []
-    if 0 in slot:
-        handles.append(model.layers[0].register_forward_pre_hook(
-            lambda _m, args, kwargs: record(0, args[0] if args else kwargs["hidden_states"]),
-            with_kwargs=True))
-    for layer in wanted:
-        if layer > 0:
-            handles.append(model.layers[layer - 1].register_forward_hook(
-                lambda _m, _a, out, layer=layer: record(layer, block_output(out))))
     done = 0
     progress(task, 0, len(samples))
-    try:
-        for group in groups:
-            batch = [samples[i] for i in group]
-            ids, mask = pad_batch([s.prompt + s.response for s in batch], model.tokenizer.pad_token_id,
-                                  side="right", device=model.device)
-            state["masks"] = {ids.device: _masks(batch, ids.shape[1], ids.device)}
-            state["out"] = {p: torch.zeros(len(batch), len(wanted), model.hidden_size, device=ids.device)
-                            for p in positions}
-            with torch.no_grad(), contextlib.suppress(_Stop):
-                model.hf(input_ids=ids, attention_mask=mask, use_cache=False)
-            yield group, state["out"]
-            done += len(group)
-            progress(task, done, len(samples))
-    finally:
-        for h in handles:
-            h.remove()
+    for group in groups:
+        batch = [samples[i] for i in group]
+        ids, mask = pad_batch([s.prompt + s.response for s in batch], model.tokenizer.pad_token_id,
+                              side="right", device=model.device)
+        state["masks"] = {ids.device: _masks(batch, ids.shape[1], ids.device)}
+        state["out"] = {p: torch.zeros(len(batch), len(wanted), model.hidden_size, device=ids.device)
+                        for p in positions}
+        # The layout makes active steering hooks see which positions are prompt and which response.
+        plen = torch.tensor([len(s.prompt) for s in batch])
+        with torch.no_grad(), sequence_layout(plen), read(model, wanted, record, stop_after=True):
+            model.hf(input_ids=ids, attention_mask=mask, use_cache=False)
+        yield group, state["out"]
+        done += len(group)
+        progress(task, done, len(samples))
 
 
 def capture_means(model: Model, samples: Sequence[Sample], *, layers: Sequence[int] | None = None,

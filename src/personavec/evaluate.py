@@ -42,7 +42,7 @@ from .likelihood import response_logprobs
 from .progress import Progress, no_progress
 from .reference import NAME as REFERENCE
 from .reference import reference_measure
-from .runs import open_run
+from .runs import Records, open_run
 from .stats import mean_se
 from .steering import STEER_POSITIONS, check_coef
 from .traits import LoadedTrait, Trait, load_trait
@@ -223,7 +223,8 @@ def evaluate(model: Model, trait: str | Path | LoadedTrait, *, vector: PersonaVe
             "trait_sha256": loaded.sha256, "judge": measure, "measure": measure,
             "vector_digest": None if vector is None else vector.digest(),
             "controls": {k: v.digest() for k, v in ctrl.items()}, **asdict(s), **(extra_settings or {})})
-    done: dict[str, dict[str, Any]] = {r["cell"]: r for r in read_jsonl(folder / "cells.jsonl")} if folder else {}
+    stored = Records(folder / "cells.jsonl" if folder else None, key="cell")  # finished conditions' summaries
+    done = dict(stored.rows)  # those of earlier runs (a repeated "base" cell is evaluated again, as before)
     refs = reference_answers(model, loaded, s, folder, progress) if the_judge is not None else []
     q_idx = question_indices(len(loaded.trait.evaluation_questions), s.half, s.n_questions)
     plan = [(q, r) for q in q_idx for r in range(s.rollouts)]
@@ -248,7 +249,8 @@ def evaluate(model: Model, trait: str | Path | LoadedTrait, *, vector: PersonaVe
         if folder:
             append_jsonl(folder / "answers.jsonl", answers)
             append_jsonl(folder / "measure.jsonl", per_q)
-            append_jsonl(folder / "cells.jsonl", [summary])
+        stored.add([summary])  # last: the cell counts as finished only once its answers are stored
+        if folder:
             write_cells_csv(folder / "cells.csv", _expand(summaries, conditions, ctrl))
     progress("conditions", len(runs), len(runs))
     result = _expand(summaries, conditions, ctrl)

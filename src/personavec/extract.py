@@ -16,10 +16,9 @@ from .capture import Sample, capture_means
 from .chat import encode_chat, encode_response, messages_for
 from .errors import PersonavecError
 from .generation import generate_ids
-from .io import append_jsonl, read_jsonl
 from .judges import Judge, JudgeItem, make_judge
 from .progress import Progress, no_progress
-from .runs import open_run
+from .runs import Records, chunk_seed, open_run, pending_chunks
 from .traits import LoadedTrait, load_trait
 from .vectors import LAYER_CONVENTION, PersonaVector, now_iso
 
@@ -80,19 +79,6 @@ def plan_rollouts(trait: LoadedTrait, s: ExtractSettings) -> list[Rollout]:
     return plan
 
 
-class _Records:
-    """JSONL records keyed by 'key'; in memory when there is no run folder."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.rows: dict[str, dict[str, Any]] = {r["key"]: r for r in read_jsonl(path)} if path else {}
-
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        if self.path:
-            append_jsonl(self.path, rows)
-        self.rows.update({r["key"]: r for r in rows})
-
-
 def _offset(progress: Progress, task: str, base: int, total: int) -> Progress:
     return lambda _t, done, _n: progress(task, base + done, total)
 
@@ -119,31 +105,24 @@ def extract(model: Model, trait: str | Path | LoadedTrait, *, judge: Judge | str
             "trait_sha256": loaded.sha256, "judge": the_judge.name, **asdict(s)})
     plan = plan_rollouts(loaded, s)
     tok = model.tokenizer
-    rollouts = _Records(folder / "rollouts.jsonl" if folder else None)
-    scores = _Records(folder / "scores.jsonl" if folder else None)
+    rollouts = Records(folder / "rollouts.jsonl" if folder else None)
+    scores = Records(folder / "scores.jsonl" if folder else None)
 
     # 1. rollouts, in chunks that are checkpointed as they finish
-    todo = [r for r in plan if r.key not in rollouts.rows]
-    chunk = max(batch_size * 2, 1)
-    for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
+    for position, part in pending_chunks(plan, rollouts, batch_size * 2):
         prompts = [encode_chat(tok, messages_for(r.question_text, r.system)) for r in part]
         outs = generate_ids(model, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                            seed=s.seed + 7919 * (len(plan) - len(todo) + start), batch_size=batch_size,
-                            progress=_offset(progress, "rollouts", len(plan) - len(todo) + start, len(plan)))
+                            seed=chunk_seed(s.seed, position), batch_size=batch_size,
+                            progress=_offset(progress, "rollouts", position, len(plan)))
         rollouts.add([{**asdict(r), "response": tok.decode(o, skip_special_tokens=True).strip()}
                       for r, o in zip(part, outs, strict=True)])
     progress("rollouts", len(plan), len(plan))
 
     # 2. judge scores (and coherence where the judge has it)
-    todo = [r for r in plan if r.key not in scores.rows]
-    chunk = max(batch_size * 4, 1)
-    for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
-        items = [JudgeItem(r.question_text, rollouts.rows[r.key]["response"], r.system) for r in part]
-        base = len(plan) - len(todo) + start
+    for position, part in pending_chunks(plan, scores, batch_size * 4):
+        items = [JudgeItem(r.question_text, rollouts[r.key]["response"], r.system) for r in part]
         trait_scores = the_judge.score_batch(items, loaded.trait.rubric,
-                                             progress=_offset(progress, "judge", base, len(plan)))
+                                             progress=_offset(progress, "judge", position, len(plan)))
         coherence = (the_judge.coherence_batch(items) if the_judge.scores_coherence
                      else [None] * len(items))
         scores.add([{"key": r.key, "score": sc, "coherence": co}
@@ -155,7 +134,7 @@ def extract(model: Model, trait: str | Path | LoadedTrait, *, judge: Judge | str
     totals = {"pos": 0, "neg": 0}
     for r in plan:
         totals[r.side] += 1
-        row, sc = rollouts.rows[r.key], scores.rows[r.key]
+        row, sc = rollouts[r.key], scores[r.key]
         score, coh = sc["score"], sc["coherence"]
         if score is None or not row["response"]:
             continue
@@ -189,13 +168,3 @@ def extract(model: Model, trait: str | Path | LoadedTrait, *, judge: Judge | str
     if folder:
         vector.save(folder / "vector.pv.safetensors")
     return vector
-
-
-def rollout_table(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Rollouts joined with their scores, for inspection and reports."""
-    folder = Path(run_dir)
-    scores = {r["key"]: r for r in read_jsonl(folder / "scores.jsonl")}
-    return [{**r, **{k: v for k, v in scores.get(r["key"], {}).items() if k != "key"}}
-            for r in read_jsonl(folder / "rollouts.jsonl")]
-
-

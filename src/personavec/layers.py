@@ -43,11 +43,12 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def _n_layers_from_config(model: nn.Module) -> int | None:
+    from .models import text_config  # models imports this module
+
     config = getattr(model, "config", None)
     if config is None:
         return None
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    config = text_config(config)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(config, key, None)
         if isinstance(value, int):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -49,7 +50,7 @@ class Model:
 
     @property
     def hidden_size(self) -> int:
-        config = self.hf.config.get_text_config() if hasattr(self.hf.config, "get_text_config") else self.hf.config
+        config = text_config(self.hf.config)
         return int(getattr(config, "hidden_size", None) or config.n_embd)
 
     @classmethod
@@ -113,12 +114,28 @@ class Model:
                         seed=seed)[0]
 
 
+# ---- transformers-version shims: their one home --------------------------------------------------------
 def last_logits_kwargs(hf: Any) -> dict[str, int]:
     """Forward kwargs asking for the last position's logits only (full logits are rows × length × vocab)."""
-    import inspect
-
     params = inspect.signature(hf.forward).parameters
     return next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
+
+
+def cache_kwarg(hf: Any) -> str:
+    """The forward keyword that takes a KV cache: `cache` in transformers 5.x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned (`out.cache` in transformers 5.x, `out.past_key_values` before), or None."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def text_config(config: Any) -> Any:
+    """The language model's part of a model config: `get_text_config()` where the config has it (multimodal
+    wrappers keep the decoder's sizes there), else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def cache_root() -> Path:

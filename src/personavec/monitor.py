@@ -49,11 +49,11 @@ from .generation import generate_ids
 from .io import append_jsonl, atomic_path, read_jsonl, write_json, write_text
 from .judges import Judge, JudgeItem, make_judge
 from .layers import check_layer
-from .models import last_logits_kwargs
+from .models import cache_kwarg, last_logits_kwargs
 from .progress import Progress, no_progress
 from .projection import directions, watch
-from .runs import open_run, settings_hash
-from .stats import centre
+from .runs import Records, chunk_seed, open_run, pending_chunks, settings_hash
+from .stats import centre, mean, pearson
 from .traits import LoadedTrait, load_trait
 from .vectors import PersonaVector, now_iso
 
@@ -107,27 +107,6 @@ class PromptSpec:
 
 
 # ---- statistics ------------------------------------------------------------------------------------------
-def pearson(xs: Sequence[float | None], ys: Sequence[float | None]) -> float | None:
-    """Pearson r over the pairs where both values are finite; None with fewer than 3 or no spread."""
-    pairs = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True)
-             if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
-    if len(pairs) < 3:
-        return None
-    mx = sum(x for x, _ in pairs) / len(pairs)
-    my = sum(y for _, y in pairs) / len(pairs)
-    sxy = sum((x - mx) * (y - my) for x, y in pairs)
-    sxx = sum((x - mx) ** 2 for x, _ in pairs)
-    syy = sum((y - my) ** 2 for _, y in pairs)
-    if sxx <= 0 or syy <= 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    xs = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(xs) / len(xs) if xs else None
-
-
 def balanced_accuracy(values: Sequence[float], labels: Sequence[bool], threshold: float) -> float | None:
     """Mean of the true-positive and true-negative rates of the rule `value ≥ threshold`."""
     pos = [v for v, lab in zip(values, labels, strict=True) if lab]
@@ -233,13 +212,6 @@ def plan_prompts(loaded: LoadedTrait, s: MonitorSettings, shots: Sequence[dict[s
 
 
 # ---- readings ----------------------------------------------------------------------------------------------
-def _cache_kwarg(hf: Any) -> str:
-    """The forward keyword of the KV cache: `cache` in recent transformers, `past_key_values` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
-
-
 def prompt_readings(model: Model, prompt: list[int], continuations: Sequence[list[int]],
                     profile_dirs: dict[str, tuple[int, torch.Tensor]], main: str
                     ) -> tuple[list[float], list[float | None], list[float | None]]:
@@ -249,7 +221,7 @@ def prompt_readings(model: Model, prompt: list[int], continuations: Sequence[lis
     token of each continuation, response-mean projection of each continuation on direction `main`)."""
     from transformers import DynamicCache
 
-    key = _cache_kwarg(model.hf)
+    key = cache_kwarg(model.hf)
     main_dir = {main: profile_dirs[main]}
     cache = DynamicCache()
     with torch.no_grad():
@@ -341,16 +313,12 @@ def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaV
                               {f"L{ly}": ly for ly in range(1, model.n_layers + 1)})
     main = f"L{read_layer}"
 
-    points_path = folder / "points.jsonl" if folder else None
-    done = {r["key"]: r for r in read_jsonl(points_path)} if points_path else {}
-    todo = [p for p in plan if p.key not in done]
-    progress("points", len(plan) - len(todo), len(plan))
-    for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
+    done = Records(folder / "points.jsonl" if folder else None)
+    progress("points", sum(p.key in done for p in plan), len(plan))
+    for position, part in pending_chunks(plan, done, chunk):
         prompts = [encode_chat(tok, p.messages) for p in part]
-        position = len(plan) - len(todo) + start
         outs = generate_ids(model, [pr for pr in prompts for _ in range(s.rollouts)], max_new_tokens=s.max_new_tokens,
-                            temperature=s.temperature, seed=s.seed + 7919 * position, progress=progress,
+                            temperature=s.temperature, seed=chunk_seed(s.seed, position), progress=progress,
                             task="answers")
         texts = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
         items = [JudgeItem(p.question, texts[i * s.rollouts + r], p.messages[0]["content"]
@@ -365,21 +333,19 @@ def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaV
             profile, lps, projs = prompt_readings(model, prompt, conts, profile_dirs, main)
             lp_pos, lp_neg = (lps[0], lps[1]) if s.judge_free else (None, None)
             a = 2 + s.rollouts
-            lp_w, lp_wo = _mean(lps[a:a + len(with_t)]), _mean(lps[a + len(with_t):])
+            lp_w, lp_wo = mean(lps[a:a + len(with_t)]), mean(lps[a + len(with_t):])
             projs = projs[:a]
             sc = scores[i * s.rollouts:(i + 1) * s.rollouts]
             rows.append({"key": p.key, "condition": p.condition, "level": p.level, "label": p.label,
                          "question_idx": p.question_idx, "question": p.question, "prompt_tokens": len(prompt),
                          "projection": profile[read_layer - 1], "profile": profile,
                          "answers": [texts[i * s.rollouts + r] for r in range(s.rollouts)],
-                         "trait_scores": sc, "trait_score": _mean(sc), "response_projections": projs[2:],
-                         "response_projection": _mean(projs[2:]), "lp_positive": lp_pos, "lp_negative": lp_neg,
+                         "trait_scores": sc, "trait_score": mean(sc), "response_projections": projs[2:],
+                         "response_projection": mean(projs[2:]), "lp_positive": lp_pos, "lp_negative": lp_neg,
                          "judge_free": None if lp_pos is None or lp_neg is None else lp_pos - lp_neg,
                          "reference": None if lp_w is None or lp_wo is None else lp_w - lp_wo})
-        if points_path is not None:
-            append_jsonl(points_path, rows)
-        done.update({r["key"]: r for r in rows})
-        progress("points", len(plan) - len(todo) + start + len(part), len(plan))
+        done.add(rows)
+        progress("points", position + len(part), len(plan))
     points = [done[p.key] for p in plan]
     result = summarize(points, layer=read_layer, judge=the_judge, identity=identity, shots=shots,
                        n_layers=model.n_layers)
@@ -404,11 +370,11 @@ def levels(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for cond, level in keys:
         sub = [p for p in points if p["condition"] == cond and p["level"] == level]
         out.append({"condition": cond, "level": level, "label": sub[0]["label"], "n": len(sub),
-                    "projection": _mean([p["projection"] for p in sub]),
-                    "trait_score": _mean([p["trait_score"] for p in sub]),
-                    "judge_free": _mean([p["judge_free"] for p in sub]),
-                    "reference": _mean([p.get("reference") for p in sub]),
-                    "response_projection": _mean([p["response_projection"] for p in sub])})
+                    "projection": mean([p["projection"] for p in sub]),
+                    "trait_score": mean([p["trait_score"] for p in sub]),
+                    "judge_free": mean([p["judge_free"] for p in sub]),
+                    "reference": mean([p.get("reference") for p in sub]),
+                    "response_projection": mean([p["response_projection"] for p in sub])})
     return out
 
 

@@ -5,7 +5,7 @@ sweep-chosen layer unless told otherwise). Three readings, all built on the two 
   * `project`: per sample, from one cache-free forward over prompt + response (capture's per-sample
     reductions: "last_prompt" predicts the answer before it is written; "response" is the response-token
     mean used by screening and the paper's monitoring); `project_prompts` is its prompt-only shortcut;
-  * `watch`: per token while the model runs (generation with the KV cache, streaming), read-only hooks;
+  * `watch`: per token while the model runs (generation with the KV cache, streaming), through `capture.read`;
   * `directions`: the unit vectors themselves, for callers that hold activations already.
 Layer numbering: L = output of decoder block L (1..n_layers; a reading at layer L hooks block L-1).
 """
@@ -13,17 +13,17 @@ Layer numbering: L = output of decoder block L (1..n_layers; a reading at layer 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Generator, Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 
-from .capture import Sample, iter_reductions
+from .capture import Sample, iter_reductions, read
 from .errors import VectorError
-from .layers import block_output, check_layer
+from .layers import check_layer
 from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -78,16 +78,13 @@ def project(model: Model, samples: Sequence[Sample], vectors: Mapping[str, Perso
     result = {name: {p: torch.full((len(samples),), float("nan")) for p in positions} for name in vectors}
     if not samples:
         return result
-    # closing(): the generator's hooks come off at once if this loop fails, not when a traceback is freed.
-    batches = cast(Generator[tuple[list[int], dict[str, torch.Tensor]], None, None], iter_reductions(
-        model, samples, layers=wanted, positions=positions, batch_size=batch_size, max_tokens=max_tokens,
-        progress=progress, task=task))
-    with closing(batches):
-        for group, out in batches:
-            idx = torch.tensor(group)
-            for name, (layer, unit) in dirs.items():
-                for p in positions:
-                    result[name][p][idx] = (out[p][:, slot[layer]] @ unit.to(out[p].device)).cpu()
+    # iter_reductions holds its hooks only during each forward pass, so a failure here leaves none behind.
+    for group, out in iter_reductions(model, samples, layers=wanted, positions=positions, batch_size=batch_size,
+                                      max_tokens=max_tokens, progress=progress, task=task):
+        idx = torch.tensor(group)
+        for name, (layer, unit) in dirs.items():
+            for p in positions:
+                result[name][p][idx] = (out[p][:, slot[layer]] @ unit.to(out[p].device)).cpu()
     if "response" in positions:
         empty = torch.tensor([len(s.response) == 0 for s in samples], dtype=torch.bool)
         for name in vectors:
@@ -196,13 +193,10 @@ def watch(model: Model, dirs: Mapping[str, tuple[int, torch.Tensor]], *, isolate
         if layer == deepest:
             record.steps.append(pending.pop("row"))
 
-    handles = [model.layers[layer - 1].register_forward_hook(
-        lambda _m, _a, out, layer=layer: store(layer, block_output(out))) for layer in sorted(by_layer)]
     token = _ISOLATED.set(_ISOLATED.get() | {key}) if isolated else None
     try:
-        yield record
+        with read(model, by_layer, store):
+            yield record
     finally:
-        for h in handles:
-            h.remove()
         if token is not None:
             _ISOLATED.reset(token)

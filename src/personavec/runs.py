@@ -1,5 +1,8 @@
 """Run folders: a manifest of inputs and versions, append-only JSONL records, and the rule that a run
-folder resumes only the run it was made for."""
+folder resumes only the run it was made for. `Records` + `pending_chunks` + `chunk_seed` are the one
+resumable record loop every pipeline uses: plan the work as keyed items, skip the keys already stored, do the
+rest a chunk at a time with a seed that depends only on the chunk's place in the plan, and append each
+finished chunk before the next starts."""
 
 from __future__ import annotations
 
@@ -7,11 +10,17 @@ import hashlib
 import json
 import platform
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import RunError
-from .io import write_json
+from .io import append_jsonl, read_jsonl, write_json
+
+T = TypeVar("T")
+
+#: A prime stride between the seeds of consecutive chunks (seed + 7919 × position).
+SEED_STRIDE = 7919
 
 
 def versions() -> dict[str, str]:
@@ -48,3 +57,47 @@ def open_run(run_dir: str | Path, kind: str, settings: dict[str, Any]) -> Path:
     write_json(manifest, {"kind": kind, "settings": settings, "settings_hash": key, "versions": versions(),
                           "command": sys.argv})
     return folder
+
+
+class Records:
+    """JSONL records keyed by one field (default 'key'), read back from `path` when it exists; in memory
+    only when `path` is None. `add` appends to the file before remembering, so an interrupted run keeps
+    every finished chunk and no more."""
+
+    def __init__(self, path: Path | None, key: str = "key") -> None:
+        self.path = path
+        self.key = key
+        self.rows: dict[str, dict[str, Any]] = {r[key]: r for r in read_jsonl(path)} if path else {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.rows
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        return self.rows[key]
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        if self.path:
+            append_jsonl(self.path, rows)
+        self.rows.update({r[self.key]: r for r in rows})
+
+
+def _key(item: Any) -> str:
+    return str(item.key)
+
+
+def pending_chunks(plan: Sequence[T], done: Records, size: int,
+                   key: Callable[[T], str] = _key) -> Iterator[tuple[int, list[T]]]:
+    """The plan's items whose key is not in `done`, `size` at a time, each chunk with its position: how
+    many plan items precede it once every earlier chunk is done (finished items first, then the earlier
+    pending chunks). A rerun after an interruption therefore gives the next chunk the position, and with
+    `chunk_seed` the seed, that it had in the interrupted run."""
+    todo = [item for item in plan if key(item) not in done]
+    base = len(plan) - len(todo)
+    step = max(size, 1)
+    for start in range(0, len(todo), step):
+        yield base + start, todo[start:start + step]
+
+
+def chunk_seed(seed: int, position: int) -> int:
+    """The sampling seed of the chunk at `position` in the plan (see `pending_chunks`)."""
+    return seed + SEED_STRIDE * position

@@ -33,7 +33,9 @@ from .runs import open_run
 from .screening.rows import DatasetError
 from .screening.score import AnswerCache, ScoreSettings, score_chunk
 from .screening.source import Source, format_of, iter_chunks, open_source, write_filtered
-from .screening.stats import mean_ci, percentile_threshold, ranks
+from .screening.stats import percentile_threshold, ranks
+from .stats import mean_ci
+from .vectors import name_by_trait
 
 if TYPE_CHECKING:
     from .models import Model
@@ -66,14 +68,7 @@ class Scored:
 
 
 def _named(vectors: Sequence[PersonaVector] | Mapping[str, PersonaVector]) -> dict[str, PersonaVector]:
-    if isinstance(vectors, Mapping):
-        named = dict(vectors)
-    else:
-        named = {}
-        for v in vectors:
-            if v.trait in named:
-                raise VectorError(f"two vectors for trait '{v.trait}'; pass each trait once")
-            named[v.trait] = v
+    named = name_by_trait(vectors)
     if not named:
         raise VectorError("no vectors to screen with; pass at least one --vector")
     return named

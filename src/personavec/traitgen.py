@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
+from .clients import openai_endpoint, status_message
 from .errors import PersonavecError, TraitError
 from .io import write_text
 from .progress import Progress, no_progress
@@ -253,8 +254,7 @@ def openai_generator(model: str, base_url: str | None = None, api_key: str | Non
     """Chat completions through the official `openai` client (its retries ride out 429s and restarts)."""
     import openai
 
-    base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-    key = api_key or os.environ.get("OPENAI_API_KEY") or ("EMPTY" if base_url else None)
+    base_url, key = openai_endpoint(base_url, api_key)
     if key is None:
         raise PersonavecError("no API key for the generator: set OPENAI_API_KEY or pass --api-key, or name a "
                               "local OpenAI-compatible server with --generator openai:MODEL@URL")
@@ -266,8 +266,8 @@ def openai_generator(model: str, base_url: str | None = None, api_key: str | Non
             resp = client.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
                                                   temperature=temperature, max_tokens=max_tokens)
         except openai.APIStatusError as exc:
-            raise PersonavecError(_status_message(where, model, exc.status_code,
-                                                  str(getattr(exc, "message", exc)))) from None
+            raise PersonavecError(_status_message(where, model, exc.status_code, str(getattr(exc, "message", exc)),
+                                                  max_retries)) from None
         except openai.APIConnectionError:
             raise PersonavecError(f"generator at {where} is unreachable after {max_retries} retries: check the "
                                   "URL in --generator openai:MODEL@URL and that the server runs") from None
@@ -313,7 +313,8 @@ def anthropic_generator(model: str, base_url: str | None = None, api_key: str | 
                 time.sleep(_retry_after(resp.headers, attempt))
                 continue
             if resp.status_code != 200:
-                raise PersonavecError(_status_message(base, model, resp.status_code, _anthropic_detail(resp)))
+                raise PersonavecError(_status_message(base, model, resp.status_code, _anthropic_detail(resp),
+                                                      max_retries))
             try:
                 blocks = resp.json()["content"]
                 return "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
@@ -341,16 +342,9 @@ def _anthropic_detail(resp: Any) -> str:
         return resp.text[:160]
 
 
-def _status_message(where: str, model: str, code: Any, detail: str) -> str:
-    detail = " ".join(detail.split())[:160]
-    if code in (401, 403):
-        return f"generator at {where} rejected the API key (HTTP {code}): set the API key or pass --api-key"
-    if code == 404:
-        return (f"generator at {where} answered HTTP 404 for model '{model}': check the model name and that the "
-                "URL is the API root")
-    if code == 429:
-        return f"generator at {where} is still rate-limited after retries: try again later"
-    return f"generator at {where} refused the request (HTTP {code}: {detail}); check the model name and URL"
+def _status_message(where: str, model: str, code: Any, detail: str, retries: int) -> str:
+    return status_message("generator", where, code, detail, model=model, retries=retries,
+                          key_hint="set the API key or pass --api-key")
 
 
 def local_generator(model: Model, *, max_new_tokens: int = 3000) -> Generator:

@@ -15,7 +15,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,6 +209,19 @@ def check_format_version(version: Any, path: Path) -> None:
     if version > FORMAT_VERSION:
         raise VectorError(f"'{path}' is a vector file of format {version}, newer than personavec {__version__} "
                           f"reads (format {FORMAT_VERSION}); upgrade personavec to load it")
+
+
+def name_by_trait(vectors: Sequence[PersonaVector] | Mapping[str, PersonaVector]) -> dict[str, PersonaVector]:
+    """{name: vector}: a mapping as given, a sequence named by each vector's trait. Two vectors of one trait
+    would be ambiguous (in a request, a column name, a report), so they are refused."""
+    if isinstance(vectors, Mapping):
+        return dict(vectors)
+    named: dict[str, PersonaVector] = {}
+    for vec in vectors:
+        if vec.trait in named:
+            raise VectorError(f"two vectors for trait '{vec.trait}'; pass one vector per trait")
+        named[vec.trait] = vec
+    return named
 
 
 def now_iso() -> str:

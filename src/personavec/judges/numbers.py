@@ -8,7 +8,6 @@ probability instead of the probability of their first digit."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import re
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..models import last_logits_kwargs
+from ..models import cache_kwarg, last_logits_kwargs, output_cache
 
 if TYPE_CHECKING:
     from ..models import Model
@@ -137,11 +136,6 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).cpu()
 
 
-def _cache_kwarg(hf: Any) -> str:
-    """The forward argument that takes a KV cache: `cache` in recent transformers, else `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def _next_token_probs(model: Model, seqs: list[list[int]], batch_size: int, max_tokens: int) -> list[torch.Tensor]:
     """Next-token probability vectors (float32, CPU) after each sequence, in batched forwards.
@@ -184,14 +178,14 @@ def _shared_prefix_probs(model: Model, prompts: Sequence[list[int]], suffixes: S
     if not suffixes:
         return rows
     s = len(suffixes)
-    cache = getattr(first, "cache", None) or first.past_key_values  # renamed in transformers 5.x
+    cache = output_cache(first)
     cache.batch_repeat_interleave(s)  # prompt j's cache at rows j*s .. j*s+s-1
     suf_ids, suf_mask = pad_batch([list(x) for x in suffixes] * len(prompts), pad_id, side="right", device=device)
     full_mask = torch.cat([mask.repeat_interleave(s, dim=0), suf_mask], dim=1)
     start = mask.sum(-1).repeat_interleave(s)[:, None]
     positions = start + torch.arange(suf_ids.shape[1], device=device)[None, :]
     logits = hf(input_ids=suf_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                **{_cache_kwarg(hf): cache}).logits
+                **{cache_kwarg(hf): cache}).logits
     last = suf_mask.sum(-1) - 1
     probs = _softmax(logits[torch.arange(len(last), device=device), last])
     for j in range(len(prompts)):

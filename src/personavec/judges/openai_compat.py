@@ -11,12 +11,12 @@ case exactly."""
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from ..clients import openai_endpoint, status_message
 from ..errors import JudgeError
 from ..progress import Progress
 from .base import RubricJudge
@@ -46,8 +46,7 @@ class OpenAIJudge(RubricJudge):
 
         if concurrency < 1:
             raise JudgeError(f"judge concurrency must be at least 1, got {concurrency}")
-        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        key = api_key or os.environ.get("OPENAI_API_KEY") or ("EMPTY" if base_url else None)
+        base_url, key = openai_endpoint(base_url, api_key)
         if key is None:
             raise JudgeError("no API key for the OpenAI judge: set OPENAI_API_KEY, or name a local "
                              "OpenAI-compatible server with --judge openai:MODEL@URL")
@@ -98,20 +97,10 @@ class OpenAIJudge(RubricJudge):
         self.top_logprobs("Reply with the number 50 and nothing else.")
 
     def _status_message(self, exc: Any) -> str:
-        code = getattr(exc, "status_code", "?")
-        detail = " ".join(str(getattr(exc, "message", "") or exc).split())[:160]
-        where = self._where
-        if code in (401, 403):
-            return f"judge at {where} rejected the API key (HTTP {code}): set OPENAI_API_KEY"
-        if code == 404:
-            return (f"judge at {where} answered HTTP 404 for model '{self.model}': check the model name and "
-                    "that the judge URL is the API root (usually ending in /v1)")
-        if code == 429:
-            return (f"judge at {where} still rate-limited after {self.max_retries} retries: lower "
-                    "the judge concurrency or try later")
-        if isinstance(code, int) and code >= 500:
-            return f"judge at {where} failed with HTTP {code} after {self.max_retries} retries: check the server ({detail})"
-        return f"judge at {where} refused the request (HTTP {code}: {detail});  check the judge model name"
+        return status_message("judge", self._where, getattr(exc, "status_code", "?"), getattr(exc, "message", "") or exc,
+                              model=self.model, retries=self.max_retries, key_hint="set OPENAI_API_KEY",
+                              root_hint="that the judge URL is the API root (usually ending in /v1)",
+                              busy_hint="lower the judge concurrency or try later")
 
     def _score_prompt(self, prompt: str) -> tuple[float | None, bool]:
         top = self.top_logprobs(prompt)

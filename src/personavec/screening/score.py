@@ -22,6 +22,7 @@ from ..capture import Sample
 from ..chat import encode_chat, encode_response
 from ..generation import generate_ids
 from ..io import sha256_bytes
+from ..models import text_config
 from ..progress import Progress, no_progress
 from ..projection import project
 from .rows import Parsed, Reject
@@ -92,8 +93,7 @@ class AnswerCache:
 
 def model_context(model: Model) -> int | None:
     """The longest sequence the model takes (its position-embedding size), if it says."""
-    config = model.hf.config.get_text_config() if hasattr(model.hf.config, "get_text_config") else model.hf.config
-    n = getattr(config, "max_position_embeddings", None)
+    n = getattr(text_config(model.hf.config), "max_position_embeddings", None)
     return int(n) if n else None
 
 

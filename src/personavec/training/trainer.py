@@ -29,9 +29,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..capture import read
 from ..errors import PersonavecError
 from ..io import append_jsonl, read_jsonl, sha256_file, write_json
-from ..layers import block_output
 from ..progress import Progress, no_progress
 from ..runs import open_run
 from .dataset import IGNORE, DatasetSummary, collate, load_dataset
@@ -97,10 +97,6 @@ class NonFiniteLoss(Exception):
         self.step, self.value = step, value
 
 
-class _Stop(Exception):
-    pass
-
-
 class PersonavecTrainer(Trainer):
     """The Trainer plus the projection penalty and a stop on a non-finite loss (before the update)."""
 
@@ -127,14 +123,10 @@ class PersonavecTrainer(Trainer):
         """loss + W · mean over assistant tokens of ((h − h_base) · v̂)² at the vector's layer."""
         layer = self.iv.resolved_penalty_layer()
         assert layer is not None and self.iv.penalty_vector is not None
-        block = self.pv_model.layers[layer - 1]
         store: dict[str, torch.Tensor] = {}
-        hook = block.register_forward_hook(lambda _m, _a, out: store.__setitem__("h", block_output(out)))
-        try:
+        with read(self.pv_model, [layer], lambda _layer, h: store.__setitem__("h", h)):
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        finally:
-            hook.remove()
-        base = self._base_hidden(model, inputs, block)
+        base = self._base_hidden(model, inputs, layer)
         v = self.iv.penalty_vector.at(layer).float()
         unit = (v / v.norm()).to(store["h"].device, store["h"].dtype)
         selected = (inputs["labels"] != IGNORE).to(store["h"].device)  # the block may sit on another device
@@ -146,22 +138,17 @@ class PersonavecTrainer(Trainer):
         loss = loss + penalty
         return (loss, outputs) if return_outputs else loss
 
-    def _base_hidden(self, model: Any, inputs: dict[str, Any], block: torch.nn.Module) -> torch.Tensor:
-        """The base model's output of `block` (adapter disabled, training hooks lifted), forward stopped there."""
+    def _base_hidden(self, model: Any, inputs: dict[str, Any], layer: int) -> torch.Tensor:
+        """The base model's output of `layer` (adapter disabled, training hooks lifted), forward stopped there."""
         peft_model = self.accelerator.unwrap_model(model)
         store: dict[str, torch.Tensor] = {}
-
-        def grab(_m: Any, _a: Any, out: Any) -> None:
-            store["h"] = block_output(out).detach()
-            raise _Stop
-
-        hook = block.register_forward_hook(grab)
         paused = self.pause.paused() if self.pause is not None else contextlib.nullcontext()
-        try:
-            with torch.no_grad(), peft_model.disable_adapter(), paused, contextlib.suppress(_Stop):
-                peft_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        finally:
-            hook.remove()
+
+        def grab(_layer: int, h: torch.Tensor) -> None:
+            store["h"] = h.detach()
+
+        with torch.no_grad(), peft_model.disable_adapter(), paused, read(self.pv_model, [layer], grab, stop_after=True):
+            peft_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         return store["h"]
 
 

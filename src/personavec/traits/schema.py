@@ -129,6 +129,3 @@ class Trait(BaseModel):
         """The authored references of evaluation question `question_idx`, if it has any."""
         key = normalize_question(self.evaluation_questions[question_idx])
         return next((r for r in self.references if normalize_question(r.question) == key), None)
-
-    def render_rubric(self, question: str, answer: str) -> str:
-        return self.rubric.replace("{question}", question).replace("{answer}", answer)
