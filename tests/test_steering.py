@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -154,3 +155,48 @@ def test_sequence_layout_gives_generation_positions_to_full_forwards(model32: pv
     plain = response_logprobs(m, samples, batch_size=2)
     assert via_layout == pytest.approx(explicit, abs=1e-5)
     assert all(abs(a - b) > 1e-3 for a, b in zip(via_layout, plain, strict=True))  # type: ignore[operator]
+
+
+def test_per_row_steering_equals_steer_row_by_row(model32: pv.Model) -> None:
+    """`steer_rows` in one batch: each row's logits equal, bit for bit, the same batch run under `steer`
+    with that row's terms (entered in order), through a prefill and a cached step; an unsteered row equals
+    the unsteered batch exactly (it gets exactly zero added)."""
+    from personavec.steering import RowPositions, steer_rows
+
+    m = model32
+    prompt = encode_chat(m.tokenizer, messages_for("Describe a quiet forest."))
+    ids = torch.tensor([prompt] * 4)
+    a, b = _direction(m, 6.0), -_direction(m, 3.0)
+    rows = [[(12, a, 1.0, "response")],
+            [],
+            [(12, a, 2.0, "all"), (20, b, 1.5, "prompt"), (12, b, -1.0, "response")],  # two terms at layer 12
+            [(8, a, 0.0, "all")]]  # coefficient 0: nothing, as `steer` does
+
+    def run() -> list[torch.Tensor]:
+        with torch.no_grad():
+            out = m.hf(input_ids=ids, use_cache=True)
+            nxt = m.hf(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True,
+                       **{"cache" if hasattr(out, "cache") else "past_key_values":
+                          out.cache if hasattr(out, "cache") else out.past_key_values})
+        return [out.logits, nxt.logits]
+
+    base_hooks = _hooks(m)
+    with steer_rows(m, rows):
+        batched = run()
+    assert _hooks(m) == base_hooks
+    plain = run()
+    for i, terms in enumerate(rows):
+        with contextlib.ExitStack() as stack:
+            for layer, v, c, pos in terms:
+                stack.enter_context(pv.steer(m, {layer: v}, coef=c, positions=pos))
+            alone = run() if terms else plain
+        for got, want in zip(batched, alone, strict=True):
+            assert torch.equal(got[i], want[i]), i
+    assert not torch.equal(batched[0][0], plain[0][0]) and not torch.equal(batched[1][2], plain[1][2])
+    assert torch.equal(batched[0][1], plain[0][1]) and torch.equal(batched[0][3], plain[0][3])
+    # per-row positions must fit the batch and name known positions
+    with pytest.raises(SteeringError, match="unknown positions"):
+        RowPositions(("all", "middle"))
+    with pytest.raises(SteeringError, match="do not fit a batch"), steer_rows(m, rows[:2]):
+        run()
+    assert _hooks(m) == base_hooks

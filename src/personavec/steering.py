@@ -22,12 +22,17 @@ hooks are registered, and the per-step position mask is copied to each device on
 Cache-free forwards over whole prompt+response sequences (capture, likelihood scoring, training) declare
 each row's prompt length with `sequence_layout(...)`; "prompt" and "response" then mean the same token
 positions as during generation. The layout lives in a ContextVar, so concurrent threads never share it.
+
+Per-row steering (a server's batch, in which every request brings its own terms): `RowPositions` names
+the positions row by row (None: the row is not touched), and `steer_rows` adds each row's own terms. A row
+gets exactly what `steer` would give it alone (the same products coef × vector in the model's dtype, added
+one term at a time in the same order); a row without a term at a layer gets exactly zero added there.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -42,7 +47,6 @@ from .layers import block_output, check_layer, module_device, replace_block_outp
 if TYPE_CHECKING:
     from .models import Model
 
-Positions = str | torch.Tensor
 Transform = Callable[[torch.Tensor], torch.Tensor]  # hidden [..., h] -> change to add [..., h] (or [h])
 STEER_POSITIONS = ("all", "prompt", "response")
 
@@ -64,6 +68,49 @@ class Handle:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+
+@dataclass(frozen=True, eq=False)
+class RowPositions:
+    """Positions chosen row by row for a batch whose rows steer differently: one of STEER_POSITIONS per
+    row, or None for a row that this intervention leaves alone. The step mask is built from per-row flags
+    kept on the device (no host sync per step); with a `sequence_layout`, "prompt" and "response" follow each
+    row's declared prompt length as they do for named positions."""
+
+    rows: tuple[str | None, ...]
+    _flags: dict[tuple[torch.device, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.rows if p is not None and p not in STEER_POSITIONS]
+        if bad:
+            raise SteeringError(f"unknown positions '{bad[0]}'; choose one of {', '.join(STEER_POSITIONS)}")
+
+    def flags(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[3, batch] 0/1 rows: "all", "prompt", "response" (a row has at most one 1)."""
+        key = (device, dtype)
+        if key not in self._flags:
+            self._flags[key] = torch.tensor([[float(p == name) for p in self.rows] for name in STEER_POSITIONS],
+                                            dtype=dtype, device=device)
+        return self._flags[key]
+
+    def mask(self, hidden: torch.Tensor, past: int) -> torch.Tensor:
+        """[batch, seq, 1] weights (exactly 0 or 1) for this forward step."""
+        batch, seq = hidden.shape[:2]
+        if batch != len(self.rows):
+            raise SteeringError(f"per-row positions for {len(self.rows)} rows do not fit a batch of {batch}")
+        every, prompt, response = self.flags(hidden.device, hidden.dtype)[:, :, None]
+        if past:  # a cached step: its tokens are response positions
+            return (every + response)[..., None]
+        layout = _LAYOUT.get()
+        cols = torch.arange(seq, device=hidden.device)[None, :]
+        plen: torch.Tensor | int = seq
+        if layout is not None and layout.shape[0] == batch:
+            plen = layout.to(hidden.device)[:, None]
+        in_prompt = (cols < plen).to(hidden.dtype)
+        from_last = (cols >= plen - 1).to(hidden.dtype)
+        return (every + prompt * in_prompt + response * from_last)[..., None]
+
+
+Positions = str | torch.Tensor | RowPositions
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -100,6 +147,8 @@ def _step_mask(positions: Positions, hidden: torch.Tensor, past: int) -> torch.T
     """[batch, seq, 1] weights for this forward step, None for 'every position', False for 'none' (both
     known from shapes alone, so the hook needs no device sync to skip a step)."""
     batch, seq = hidden.shape[:2]
+    if isinstance(positions, RowPositions):
+        return positions.mask(hidden, past)
     if isinstance(positions, torch.Tensor):
         if past or positions.shape != (batch, seq):
             raise SteeringError(f"a positions mask of shape {tuple(positions.shape)} does not fit a forward of "
@@ -123,6 +172,8 @@ def _step_mask(positions: Positions, hidden: torch.Tensor, past: int) -> torch.T
 
 
 def _check_positions(positions: Positions) -> None:
+    if isinstance(positions, RowPositions):
+        return
     if isinstance(positions, torch.Tensor):
         if positions.dim() != 2:
             raise SteeringError("a positions mask must have shape [batch, seq]")
@@ -229,3 +280,77 @@ def ablate(model: Model, directions: Mapping[int, torch.Tensor], positions: Posi
         return fn
 
     return intervene(model, {layer: project_out(u) for layer, u in units.items()}, positions)
+
+
+RowTerm = tuple[int, torch.Tensor, float, str]  # (layer, vector, coef, positions): one steering term of one row
+
+
+class RowSteering:
+    """Per-row steering terms of one batch, prepared once: for each layer and each term slot at that layer,
+    the rows' products coef × vector[L] (model dtype, on block L-1's device; zeros for rows without such a
+    term) stacked into one [batch, 1, hidden] tensor, with the rows' positions. `attach()` puts the hooks on
+    (one `intervene` per layer and slot, slots in each row's order) for as many forwards as the batch keeps
+    its rows; `select` keeps some rows without recomputing anything.
+
+    `rows[i]` lists row i's terms as (layer, vector, coef, positions); coefficient-0 terms are dropped, as
+    `steer` drops them. A row alone in a batch of one computes exactly what `steer` with its terms (entered
+    in order) computes: the same products, added one term at a time in the same order, times a 0/1 mask."""
+
+    def __init__(self, model: Model, rows: Sequence[Sequence[RowTerm]]) -> None:
+        self.model = model
+        self.n_rows = len(rows)
+        per_row: list[dict[int, list[tuple[torch.Tensor, str]]]] = []
+        for terms in rows:
+            by_layer: dict[int, list[tuple[torch.Tensor, str]]] = {}
+            for layer, vector, coef, positions in terms:
+                c = check_coef(coef)
+                _check_positions(positions)
+                product = c * _as_vector(model, layer, vector)
+                if c != 0.0:
+                    by_layer.setdefault(layer, []).append((product, positions))
+            per_row.append(by_layer)
+        self.plan: list[tuple[int, torch.Tensor, RowPositions]] = []
+        for layer in sorted({ly for r in per_row for ly in r}):
+            for slot in range(max(len(r.get(layer, ())) for r in per_row)):
+                entries = [r[layer][slot] if slot < len(r.get(layer, ())) else None for r in per_row]
+                ref = next(e[0] for e in entries if e is not None)
+                zero = torch.zeros_like(ref)
+                delta = torch.stack([zero if e is None else e[0] for e in entries])[:, None, :]
+                self.plan.append((layer, delta, RowPositions(tuple(None if e is None else e[1] for e in entries))))
+
+    @classmethod
+    def _from_plan(cls, model: Model, n_rows: int, plan: list[tuple[int, torch.Tensor, RowPositions]]) -> RowSteering:
+        out = cls.__new__(cls)
+        out.model, out.n_rows, out.plan = model, n_rows, plan
+        return out
+
+    @property
+    def is_noop(self) -> bool:
+        return not self.plan
+
+    def select(self, rows: Sequence[int]) -> RowSteering:
+        """The same steering for a batch that keeps only `rows` (in that order)."""
+        plan = []
+        for layer, delta, pos in self.plan:
+            kept = tuple(pos.rows[i] for i in rows)
+            if any(p is not None for p in kept):
+                index = torch.tensor(list(rows), dtype=torch.long, device=delta.device)
+                plan.append((layer, delta.index_select(0, index), RowPositions(kept)))
+        return RowSteering._from_plan(self.model, len(rows), plan)
+
+    def attach(self) -> Handle:
+        """Put the hooks on; the returned handle (a context manager) takes them off."""
+        handle = Handle()
+        try:
+            for layer, delta, pos in self.plan:
+                handle.hooks.extend(intervene(self.model, {layer: _placed(delta)}, pos).hooks)
+        except BaseException:
+            handle.remove()
+            raise
+        return handle
+
+
+def steer_rows(model: Model, rows: Sequence[Sequence[RowTerm]]) -> Handle:
+    """Steer each row of a batch with its own terms (layer, vector, coef, positions); see `RowSteering`.
+    A row with no terms computes exactly what it computes unsteered."""
+    return RowSteering(model, rows).attach()

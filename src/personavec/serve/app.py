@@ -30,6 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import VectorError
+from ..models import text_config
+from ..vectors import name_by_trait
 from .engine import Engine, Event, Job, Result, SteerTerm, TokenLogprob
 from .log import RequestLog
 from .schemas import (
@@ -53,7 +55,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Operator settings. `max_queue`: requests that may wait behind the running one (more get 429).
+    """Operator settings. `max_batch_size`: requests generated together in one continuous batch (each with its
+    own steering). `max_queue`: requests that may wait beyond those (more get 429).
     `max_tokens_limit`: the most completion tokens one request may ask for (also the default).
     `steered_models`: extra model names, each steering every request sent to it with its terms (before
     the request's own `steer`), e.g. {"evil-8": [{"vector": "evil", "coef": 8, "positions": "all"}]};
@@ -61,6 +64,7 @@ class ServeSettings:
 
     api_key: str | None = None
     max_queue: int = 16
+    max_batch_size: int = 32
     max_request_bytes: int = 1 << 20
     max_tokens_limit: int = 512
     log_path: Path | None = None
@@ -70,14 +74,7 @@ class ServeSettings:
     steered_models: Mapping[str, Sequence[SteerSpec | Mapping[str, Any]]] = field(default_factory=dict)
 
 
-def name_vectors(vectors: Sequence[PersonaVector]) -> dict[str, PersonaVector]:
-    """Name each vector by its trait; two vectors of one trait would be ambiguous in a request."""
-    named: dict[str, PersonaVector] = {}
-    for vec in vectors:
-        if vec.trait in named:
-            raise VectorError(f"two vectors are named '{vec.trait}'; serve one vector per trait")
-        named[vec.trait] = vec
-    return named
+name_vectors = name_by_trait  # the server's name for it (serve/__init__ and the CLI import it)
 
 
 def _sse(obj: Any) -> str:
@@ -91,14 +88,14 @@ def create_app(model: Model, vectors: Mapping[str, PersonaVector] | Sequence[Per
                settings: ServeSettings | None = None) -> FastAPI:
     """An app serving `model` with `vectors` (a {name: vector} mapping, or a list named by trait)."""
     cfg = settings or ServeSettings()
-    named = dict(vectors) if isinstance(vectors, Mapping) else name_vectors(vectors)
+    named = name_by_trait(vectors)
     for vec in named.values():
         vec.check_model(model, cfg.allow_model_mismatch)
-    engine = Engine(model, named, max_queue=cfg.max_queue, request_log=RequestLog(cfg.log_path, cfg.log_prompts))
+    engine = Engine(model, named, max_queue=cfg.max_queue, request_log=RequestLog(cfg.log_path, cfg.log_prompts),
+                    max_batch_size=cfg.max_batch_size)
     served = cfg.model_name or model.model_id
     fingerprint = f"personavec-{__version__}-{model.fingerprint}"
-    text_config = model.hf.config.get_text_config() if hasattr(model.hf.config, "get_text_config") else model.hf.config
-    context = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 30)
+    context = int(getattr(text_config(model.hf.config), "max_position_embeddings", 0) or 1 << 30)
     vocab = int(model.hf.get_input_embeddings().num_embeddings)
     tokenizer = model.tokenizer
     started = int(time.time())
@@ -209,7 +206,8 @@ def create_app(model: Model, vectors: Mapping[str, PersonaVector] | Sequence[Per
 
     def submit(jobs: list[Job]) -> None:
         if not engine.try_submit(jobs[0] if len(jobs) == 1 else jobs):
-            raise ApiError(429, f"the server is busy ({engine.max_queue} requests already wait); retry shortly",
+            raise ApiError(429, f"the server is busy ({engine.max_batch_size} requests run and {engine.max_queue} "
+                           "wait); retry shortly",
                            kind="rate_limit_error", code="queue_full", headers={"retry-after": "1"})
 
     def channel() -> tuple[asyncio.Queue[Indexed], Callable[[int], Callable[[Event], None]]]:
@@ -290,7 +288,8 @@ def create_app(model: Model, vectors: Mapping[str, PersonaVector] | Sequence[Per
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served, "in_flight": engine.in_flight, "max_queue": engine.max_queue}
+        return {"status": "ok", "model": served, "in_flight": engine.in_flight, "max_queue": engine.max_queue,
+                "max_batch_size": engine.max_batch_size}
 
     def model_card(name: str = served) -> dict[str, Any]:
         readings = {} if engine.monitor is None else {

@@ -1,30 +1,36 @@
-"""The generation worker: one thread owns the model and runs admitted requests one at a time.
+"""The generation worker: one thread owns the model and runs admitted requests in one continuous batch.
 
-Steering and monitoring hooks are module-global (they live on the decoder blocks), so two requests that
-ran at once would steer each other. Serializing generation through one worker makes isolation exact: a
-request's hooks exist only while that request runs, and an unsteered request computes exactly what it
-computes alone. Several engines on the same model share one lock (kept in `model.extra`) for the same
-reason.
+Requests that wait are gathered into the running batch at every step (`batching.Batcher`): they are
+prefilled together (left padding), their KV cache is merged into the batch's, and every running request
+advances by one token per forward. Each row carries its own steering (`steering.RowSteering`: per-row
+vectors, layers, coefficients and positions; a row without steering gets exactly zero added), its own
+sampling and stops, and its own persona readings. Steering and reading hooks are on the decoder blocks only
+during each forward, under a lock that every engine on the same model shares (kept in `model.extra`), so
+two engines (or a library call) on one model never see each other's hooks.
 
-Admission is bounded: at most `max_queue` requests wait behind the running one; beyond that
+Admission is bounded: at most `max_batch_size` requests run and `max_queue` more wait; beyond that
 `try_submit` says no (the server answers 429) instead of letting the queue grow. A cancelled request
 (client gone) stops at the next token and frees its slot.
 
 Generation is a token-by-token loop with the KV cache (so answers can stream): steering positions follow
 `steering`'s convention for cached generation ("response" = the last prompt position in the prefill,
 then every generated token; "prompt" = every prompt position). A job that asks for the prompt's
-logprobs (`/v1/completions` with `echo` and `logprobs`) gets them from that same prefill, teacher-forced
-over the whole prompt, so they are what `likelihood.response_logprobs` computes for the same tokens under
-the same steering. A job may also be a list of jobs (one request with several prompts): they run one
-after another under one admission slot."""
+logprobs (`/v1/completions` with `echo` and `logprobs`) gets them from its own prefill (alone, unpadded),
+teacher-forced over the whole prompt, so they are what `likelihood.response_logprobs` computes for the same
+tokens under the same steering. A job may also be a list of jobs (one request with several prompts): they
+run as rows of the batch under one admission slot.
+
+`Engine.run(job)` is the one-request reference: the same token loop for a single request, in the calling
+thread, without batching. In float32 a batched request's tokens equal what `run` gives it (greedy)."""
 
 from __future__ import annotations
 
-import inspect
+import functools
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,9 +39,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..generation import _stop_ids
-from ..models import last_logits_kwargs
+from ..models import cache_kwarg, last_logits_kwargs, output_cache
 from ..projection import watch
 from ..steering import steer
+from .batching import Batcher, Row
 from .log import RequestLog
 from .persona import PersonaMonitor
 
@@ -141,24 +148,32 @@ class Engine:
     """Owns generation on `model`; see the module docstring for the isolation and queueing rules."""
 
     def __init__(self, model: Model, vectors: Mapping[str, PersonaVector], *, max_queue: int = 16,
-                 request_log: RequestLog | None = None) -> None:
+                 request_log: RequestLog | None = None, max_batch_size: int = 32) -> None:
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
         self.model = model
         self.vectors = dict(vectors)
         self.monitor = PersonaMonitor.build(self.vectors) if self.vectors else None
         self.max_queue = max_queue
+        self.max_batch_size = max_batch_size
         self.log = request_log or RequestLog(None)
         self._stop_ids = _stop_ids(model)
         self._keep = last_logits_kwargs(model.hf)
         # transformers 5.x calls the KV cache `cache`; earlier versions `past_key_values`
-        params = inspect.signature(model.hf.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kwarg(model.hf)
         self._queue: queue.Queue[Job | list[Job] | None] = queue.Queue()
         self._admitted = 0
         self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._batcher = Batcher(self, max_batch_size)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Forwards run by the batch loop: prefills, steps, and the most rows one step advanced."""
+        return dict(self._batcher.stats)
 
     # ---- admission and the worker thread -------------------------------------------------------------
     @property
@@ -167,11 +182,16 @@ class Engine:
         with self._count_lock:
             return self._admitted
 
+    @property
+    def capacity(self) -> int:
+        """Requests that may be admitted at once: `max_batch_size` running and `max_queue` waiting."""
+        return self.max_batch_size + self.max_queue
+
     def try_submit(self, job: Job | list[Job]) -> bool:
-        """Queue `job` (or jobs that run one after another, as one request) unless `max_queue` requests
-        already wait behind the running one."""
+        """Queue `job` (or jobs of one request, which run as rows of the batch) unless `capacity` requests
+        are already admitted."""
         with self._count_lock:
-            if self._closing or self._admitted > self.max_queue:
+            if self._closing or self._admitted >= self.capacity:
                 return False
             self._admitted += 1
         self._queue.put(job)
@@ -184,7 +204,7 @@ class Engine:
             self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel waiting requests, let the running one stop at its next token, join the worker."""
+        """Cancel waiting requests, let the running ones finish, join the worker."""
         self._closing = True
         for item in list(self._queue.queue):
             for job in [] if item is None else item if isinstance(item, list) else [item]:
@@ -195,19 +215,65 @@ class Engine:
             self._thread = None
 
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
+        batcher = self._batcher
+        waiting: deque[tuple[Job, list[int]]] = deque()  # (job, [jobs of its request not yet finished])
+        closing = False
+
+        def done(job: Job, outcome: Result | Exception, left: list[int]) -> None:
+            """Log, free the request's slot once all its jobs are done, then answer (so that a client that
+            sends its next request on the answer finds the slot free)."""
             try:
-                for job in item if isinstance(item, list) else [item]:
-                    try:
-                        result = self.run(job)
-                        self._log(job, result)
-                        job.emit(("done", result))
-                    except Exception as exc:  # a bug: answer 500 for this request and keep serving the others
-                        log.exception("generation failed")
-                        job.emit(("error", exc))
+                if not isinstance(outcome, Exception):
+                    self._log(job, outcome)
             finally:
-                with self._count_lock:
-                    self._admitted -= 1
+                left[0] -= 1
+                if left[0] == 0:
+                    with self._count_lock:
+                        self._admitted -= 1
+                job.emit(("error", outcome) if isinstance(outcome, Exception) else ("done", outcome))
+
+        while True:
+            block = batcher.running == 0 and not waiting and not closing
+            while True:  # take everything submitted so far (wait for it only when idle)
+                try:
+                    item = self._queue.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if item is None:
+                    closing = True
+                    continue
+                jobs = item if isinstance(item, list) else [item]
+                left = [len(jobs)]
+                waiting.extend((job, left) for job in jobs)
+            if closing:
+                for job, _ in waiting:
+                    job.cancel.set()
+            joining: list[Row] = []
+            while waiting and len(joining) < batcher.room:
+                job, left = waiting.popleft()
+                row = self._row(job, functools.partial(done, left=left))
+                if job.cancel.is_set():  # gone while it waited
+                    batcher.finish(row, "cancelled")
+                else:
+                    joining.append(row)
+            if closing and not joining and not waiting and batcher.running == 0:
+                return
+            if not joining and batcher.running == 0:
+                continue
+            try:
+                batcher.step(joining)
+            except Exception as exc:  # a bug in the loop itself: fail what runs, keep serving
+                log.exception("the batch loop failed")
+                batcher.fail(joining, exc)  # rows already finished are not touched again
+                batcher.abort(exc)
+
+    def _row(self, job: Job, done: Callable[[Job, Result | Exception], None]) -> Row:
+        start = time.monotonic()
+        return Row(job=job, done=done, text=TextStream(self.model.tokenizer, job.stops),
+                   gen=torch.Generator(device=self.model.device).manual_seed(job.seed),
+                   queue_s=start - job.submitted, start=start,
+                   logprobs=None if job.logprobs is None else [])
 
     def _log(self, job: Job, result: Result) -> None:
         self.log.write({**job.log_fields, "finish_reason": result.finish_reason, "usage": result.usage,
@@ -257,7 +323,7 @@ class Engine:
                 if piece:
                     job.emit(("delta", piece))
                 # feed every kept token once: its activation is a response position for the persona reading
-                past = out.cache if hasattr(out, "cache") else out.past_key_values
+                past = output_cache(out)
                 out = hf(input_ids=torch.tensor([[tok]], device=model.device), use_cache=True,
                          **{self._cache_kw: past}, **self._keep)
                 if hit:

@@ -51,9 +51,12 @@ class PersonaMonitor:
         holds one generated token's activation."""
         if record is None or not record.steps:
             return {}
-        prompt = record.steps[0][0, -1]
-        later = [s[0] for s in record.steps[1:]]
-        response = torch.cat(later).mean(0) if later else None
+        return self.readings_from(record.steps[0][0, -1], [s[0, 0] for s in record.steps[1:]])
+
+    def readings_from(self, prompt: torch.Tensor, later: list[torch.Tensor]) -> dict[str, dict[str, Any]]:
+        """The same from one request's readings: `prompt` [n_names] at its last prompt token, `later` one
+        [n_names] per generated token fed back (a batched server collects them row by row)."""
+        response = torch.stack(later).mean(0) if later else None
         out: dict[str, dict[str, Any]] = {}
         for k, name in enumerate(self.names):
             p = _finite(float(prompt[k]))
