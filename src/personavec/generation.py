@@ -1,8 +1,15 @@
-"""Batched chat generation: left padding, length-sorted batches, seeded sampling, progress."""
+"""Batched chat generation: left padding, length-sorted batches, seeded sampling, progress.
+
+`engine` chooses who generates: "hf" (the default: Hugging Face `generate` on `model`, the exact reference;
+steering hooks active on the model apply), "vllm" (a `personavec.engines.vllm_engine.VllmEngine` built for
+`model` on first use and kept in `model.extra`), or an engine object from `personavec.engines.make_engine`.
+With the vLLM engine, steering must be passed as `steering=` (a `personavec.engines.Steering`, or one per
+conversation): hooks on the Hugging Face model do not reach vLLM's workers, and generating with them active is
+refused rather than silently unsteered."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -10,6 +17,7 @@ from .chat import Message, batches_by_length, encode_chat, pad_batch
 from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
+    from .engines import Engine, SteeringArg
     from .models import Model
 
 
@@ -25,13 +33,63 @@ def _stop_ids(model: Model) -> list[int]:
     return sorted(ids)
 
 
+def _steering_hooks_on(model: Model) -> bool:
+    """Whether personavec steering hooks (from `steer`, `intervene`, `ablate`) are on the model's blocks."""
+    return any(getattr(h, "__module__", None) == "personavec.steering"
+               for block in model.layers for h in (*block._forward_hooks.values(),
+                                                   *block._forward_pre_hooks.values()))
+
+
+def resolve_engine(model: Model, engine: Engine | str | None, **options: Any) -> Engine:
+    """The engine object for `engine` ("hf", "vllm", None = "hf", or an engine object as it is). A "vllm"
+    engine is built once per model (loading takes a while) and kept in `model.extra`; `close_engines(model)`
+    stops it."""
+    from .engines import make_engine
+
+    if engine is None or isinstance(engine, str):
+        name = engine or "hf"
+        if name == "hf":
+            return make_engine(model, "hf", **options)
+        key = f"engine:{name}"
+        if key not in model.extra:
+            model.extra[key] = make_engine(model, name, **options)
+        cached: Engine = model.extra[key]
+        return cached
+    return engine
+
+
+def close_engines(model: Model) -> None:
+    """Stop the engines `resolve_engine` built and kept for this model (their worker processes)."""
+    for key in [k for k in model.extra if k.startswith("engine:")]:
+        model.extra.pop(key).close()
+
+
 def generate_ids(model: Model, prompts: list[list[int]], *, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 32,
-                 progress: Progress = no_progress, task: str = "generate") -> list[list[int]]:
+                 progress: Progress = no_progress, task: str = "generate", engine: Engine | str | None = None,
+                 steering: SteeringArg = None) -> list[list[int]]:
     """Generate continuations of token-id prompts; returns the new token ids (without end tokens).
 
     Batches are length-sorted and left-padded; each batch is seeded with `seed` + its index, so a rerun
-    with the same inputs samples the same answers."""
+    with the same inputs samples the same answers. `engine` and `steering`: see the module docstring (greedy
+    answers agree across engines; sampled ones are seeded per engine and differ between them)."""
+    if (engine is None or engine == "hf") and steering is None:
+        return _hf_generate_ids(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, seed=seed, batch_size=batch_size, progress=progress, task=task)
+    chosen = resolve_engine(model, engine)
+    if chosen.name != "hf" and _steering_hooks_on(model):
+        from .engines import EngineError
+
+        raise EngineError(f"steering hooks are active on the Hugging Face model, and the {chosen.name} engine "
+                          "cannot see them; pass steering=Steering.from_vector(...) instead of `with vec.steer(...)`")
+    return chosen.generate_ids(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               seed=seed, batch_size=batch_size, progress=progress, task=task, steering=steering)
+
+
+def _hf_generate_ids(model: Model, prompts: list[list[int]], *, max_new_tokens: int = 64,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 32,
+                     progress: Progress = no_progress, task: str = "generate") -> list[list[int]]:
+    """The Hugging Face engine: `model.hf.generate` on length-sorted, left-padded batches."""
     from transformers import GenerationConfig
 
     stops = _stop_ids(model)
@@ -60,9 +118,12 @@ def generate_ids(model: Model, prompts: list[list[int]], *, max_new_tokens: int 
 
 def generate(model: Model, conversations: list[list[Message]], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 32,
-             progress: Progress = no_progress, task: str = "generate") -> list[str]:
-    """Answer each conversation (a list of chat messages); returns the decoded assistant replies."""
+             progress: Progress = no_progress, task: str = "generate", engine: Engine | str | None = None,
+             steering: SteeringArg = None) -> list[str]:
+    """Answer each conversation (a list of chat messages); returns the decoded assistant replies.
+    `engine` and `steering`: see the module docstring."""
     prompts = [encode_chat(model.tokenizer, conv) for conv in conversations]
     outs = generate_ids(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, seed=seed, batch_size=batch_size, progress=progress, task=task)
+                        top_p=top_p, seed=seed, batch_size=batch_size, progress=progress, task=task,
+                        engine=engine, steering=steering)
     return [model.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]

@@ -1,0 +1,185 @@
+"""Generation engines: the Hugging Face engine (the exact reference) and the optional vLLM engine (throughput).
+
+Both take token-id prompts (or chat conversations) and the same settings, and return the same result: one list
+of new token ids per prompt (without end tokens), or the decoded replies. Steering is passed explicitly as a
+`Steering` (the same vectors, coefficient and positions as `personavec.steer`), per request when wanted:
+
+    from personavec.engines import Steering, make_engine
+    engine = make_engine(model, "vllm", tensor_parallel_size=2)     # or "hf"
+    spec = Steering.from_vector(vec, model, layer=18, coef=-4.0)      # layer L = output of decoder block L
+    replies = engine.generate(conversations, max_new_tokens=64, steering=spec)
+    engine.close()
+
+The vLLM engine starts worker processes: scripts that use it need an `if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+from ..errors import PersonavecError, SteeringError
+from ..progress import Progress, no_progress
+
+if TYPE_CHECKING:
+    from ..chat import Message
+    from ..models import Model
+    from ..vectors import PersonaVector
+
+ENGINES = ("hf", "vllm")
+
+
+class EngineError(PersonavecError):
+    """An engine cannot be built or cannot run this request (missing package, steering it cannot see)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Steering:
+    """What `personavec.steer` adds, as data an engine can carry: coef × vectors[L] at the output of layer L
+    (L = output of decoder block L, 1..n_layers; block L-1 gets the hook) at `positions` ("all", "prompt",
+    "response"). Compared by identity: requests that share one object share one set of hooks."""
+
+    vectors: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    coef: float = 1.0
+    positions: str = "response"
+
+    @classmethod
+    def from_vector(cls, vector: PersonaVector, model: Model, layer: int | Sequence[int] | str | None = None,
+                    coef: float = 1.0, positions: str = "response", position: str = "response",
+                    allow_mismatch: bool = False) -> Steering:
+        """The steering `vector.steer(model, layer, coef, positions, position)` would apply (same layer rules:
+        default self.layer, a list, or "all" for incremental vectors at every layer)."""
+        from ..layers import check_layer
+        from ..steering import check_coef
+        from ..vectors import VectorError
+
+        vector.check_model(model, allow_mismatch)
+        if layer == "all":
+            vectors = vector.incremental(position)
+        else:
+            if isinstance(layer, str):
+                raise VectorError(f"layer must be an integer, a list of integers or 'all', got {layer!r}")
+            layers = [vector.layer] if layer is None else [layer] if isinstance(layer, int) else list(layer)
+            if not layers:
+                raise VectorError("layer list is empty; name at least one layer")
+            vectors = {check_layer(ly, model.n_layers): vector.at(ly, position) for ly in layers}
+        return cls(vectors=vectors, coef=check_coef(coef), positions=positions)
+
+    def check(self, n_layers: int, hidden_size: int) -> None:
+        from ..layers import check_layer
+        from ..steering import STEER_POSITIONS, check_coef
+
+        check_coef(self.coef)
+        if self.positions not in STEER_POSITIONS:
+            raise SteeringError(f"unknown positions '{self.positions}'; choose one of {', '.join(STEER_POSITIONS)} "
+                                "(engines take named positions, not masks)")
+        for layer, v in self.vectors.items():
+            check_layer(layer, n_layers)
+            if tuple(v.shape) != (hidden_size,):
+                raise SteeringError(f"vector for layer {layer} has shape {tuple(v.shape)}, the model's hidden size "
+                                    f"is {hidden_size}")
+
+    @property
+    def is_noop(self) -> bool:
+        return self.coef == 0.0 or not self.vectors
+
+
+SteeringArg = Steering | Sequence[Steering | None] | None
+
+
+def per_request(steering: SteeringArg, n: int) -> list[Steering | None]:
+    """One Steering (or None) per request: a single spec applies to all, a list must have one entry each."""
+    if steering is None or isinstance(steering, Steering):
+        return [steering] * n
+    specs = list(steering)
+    if len(specs) != n:
+        raise SteeringError(f"got {len(specs)} steering entries for {n} requests; pass one per request or a single one")
+    return specs
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What `generation.generate` needs from an engine."""
+
+    name: str
+
+    def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, batch_size: int = 32, progress: Progress = no_progress,
+                     task: str = "generate", steering: SteeringArg = None) -> list[list[int]]: ...
+
+    def generate(self, conversations: list[list[Message]], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, batch_size: int = 32, progress: Progress = no_progress,
+                 task: str = "generate", steering: SteeringArg = None) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+class HFEngine:
+    """The Hugging Face `generate` engine: the exact reference. Steering hooks are put on the model for the
+    requests that share a Steering and taken off afterwards; hooks already on the model apply to every request."""
+
+    name = "hf"
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, batch_size: int = 32, progress: Progress = no_progress,
+                     task: str = "generate", steering: SteeringArg = None) -> list[list[int]]:
+        from ..generation import _hf_generate_ids as generate_ids
+        from ..steering import steer
+
+        specs = per_request(steering, len(prompts))
+        groups: dict[int, list[int]] = {}
+        for i, spec in enumerate(specs):
+            groups.setdefault(id(spec), []).append(i)
+        results: list[list[int]] = [[] for _ in prompts]
+        for members in groups.values():
+            spec = specs[members[0]]
+            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                                      "seed": seed, "batch_size": batch_size,
+                                      "progress": progress if len(groups) == 1 else no_progress, "task": task}
+            if spec is None or spec.is_noop:
+                if spec is not None:
+                    spec.check(self.model.n_layers, self.model.hidden_size)
+                outs = generate_ids(self.model, [prompts[i] for i in members], **kwargs)
+            else:
+                spec.check(self.model.n_layers, self.model.hidden_size)
+                with steer(self.model, spec.vectors, coef=spec.coef, positions=spec.positions):
+                    outs = generate_ids(self.model, [prompts[i] for i in members], **kwargs)
+            for i, o in zip(members, outs, strict=True):
+                results[i] = o
+        return results
+
+    def generate(self, conversations: list[list[Message]], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, batch_size: int = 32, progress: Progress = no_progress,
+                 task: str = "generate", steering: SteeringArg = None) -> list[str]:
+        from ..chat import encode_chat
+
+        prompts = [encode_chat(self.model.tokenizer, conv) for conv in conversations]
+        outs = self.generate_ids(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 seed=seed, batch_size=batch_size, progress=progress, task=task, steering=steering)
+        return [self.model.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the caller."""
+
+
+def make_engine(model: Model, name: str = "hf", **options: Any) -> Engine:
+    """An engine for `model`: "hf" (Hugging Face generate, the reference) or "vllm" (`VllmEngine.for_model`,
+    options such as tensor_parallel_size, enforce_eager, max_model_len go to it)."""
+    if name == "hf":
+        if options:
+            raise EngineError(f"the hf engine takes no options (got {', '.join(sorted(options))})")
+        return HFEngine(model)
+    if name == "vllm":
+        from .vllm_engine import VllmEngine
+
+        return VllmEngine.for_model(model, **options)
+    raise EngineError(f"unknown engine '{name}'; choose one of {', '.join(ENGINES)}")
+
+
+__all__ = ["ENGINES", "Engine", "EngineError", "HFEngine", "Steering", "SteeringArg", "make_engine", "per_request"]

