@@ -243,6 +243,26 @@ def dp_control(bench: Bench, sets: list[str], work: Path, out: Path) -> None:
         write_json(path, have)
 
 
+def cross(base: Model, traits: list[str], runs_path: Path, work: Path) -> None:
+    """(d)'s cross-trait control: every plain finetune measured on the other traits' reference measures too, so
+    top − random can be read against what the same sets do to traits they were not screened for."""
+    loaded = {t: pv.load_trait(t).trait for t in traits}
+    rows = read_jsonl(runs_path)
+    for row in rows:
+        have = row.setdefault("reference_cross", {})
+        need = [u for u in traits if u != row["trait"] and u not in have]
+        if condition_of(row) != "plain" or not need:
+            continue
+        model = base if row["set"] == "base" else attach_adapter(
+            copy.deepcopy(base), work / folder_name(row["trait"], row["set"], "plain", row["seed"]), merge=True,
+            allow_mismatch=True)
+        for u in need:
+            have[u] = reference_measure(model, loaded[u]).mean
+        print(f"cross {row['trait']} {row['set']} seed {row['seed']}: "
+              + ", ".join(f"{u} {v:+.4f}" for u, v in have.items()), flush=True)
+        write_jsonl(runs_path, rows)  # after each model: resumable
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("experiments/out/finetune_authored"))
@@ -257,6 +277,7 @@ def main() -> None:
     ap.add_argument("--dp-control", action="store_true", help="ΔP of each set on the random directions ((b)'s control)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 training steps and 2-point grids: a smoke test")
+    ap.add_argument("--cross", action="store_true", help="measure every plain finetune on the other traits too")
     ap.add_argument("--epochs", type=float, help=f"override the training epochs ({SETTINGS['epochs']:g})")
     ap.add_argument("--max-length", type=int, help=f"override the token cut per row ({SETTINGS['max_length']})")
     args = ap.parse_args()
@@ -294,6 +315,8 @@ def main() -> None:
                 fill(bench, runs_path, args.work)
             if args.dp_control:
                 dp_control(bench, args.sets.split(","), args.work, args.out)
+        if args.cross:
+            cross(base, args.traits.split(","), runs_path, args.work)
     summarize(args.out, read_jsonl(runs_path), args.out / "dp_random.json")
 
 
@@ -334,6 +357,7 @@ def summarize(out: Path, rows: list[dict[str, Any]], dp_random: Path | None = No
         correlations(res, plain, lines, control)
         orderings(res, plain, lines)
         mitigations(res, mine, lines)
+    cross_table(result, rows, lines)
     write_json(out / "results.json", result)
     write_text(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -401,6 +425,32 @@ def orderings(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[str]
         lines += ["", f"### {trait}: trait after finetuning, screened sets paired by seed", "",
                   "| comparison | seeds | reference difference [95% t CI over seeds] | interval above 0? |",
                   "|---|---|---|---|", *rows]
+
+
+def cross_table(result: dict[str, Any], rows: list[dict[str, Any]], lines: list[str]) -> None:
+    """top − random (paired by seed) of each screened trait's sets, on every trait's reference measure."""
+    plain = [r for r in rows if condition_of(r) == "plain" and r["set"] in ("top", "random")]
+    if not any(r.get("reference_cross") for r in plain):
+        return
+    traits = list(dict.fromkeys(r["trait"] for r in plain))
+    table: dict[str, dict[str, list[float]]] = {}
+    out = ["", "### Cross-trait control: top − random (paired by seed) on each trait's reference measure", "",
+           "| sets screened by | " + " | ".join(f"measured: {u}" for u in traits) + " |",
+           "|---|" + "---|" * len(traits)]
+    for t in traits:
+        by = {(r["set"], r["seed"]): {t: r["reference"], **r.get("reference_cross", {})} for r in plain if r["trait"] == t}
+        cells = []
+        for u in traits:
+            diffs = [by[("top", s)][u] - by[("random", s)][u] for (name, s) in by
+                     if name == "top" and ("random", s) in by and u in by[("top", s)] and u in by[("random", s)]]
+            if len(diffs) > 1:
+                table.setdefault(t, {})[u] = list(t_interval(diffs))
+                cells.append(fmt(t_interval(diffs)))
+            else:
+                cells.append("–")
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    result["cross_trait_top_minus_random"] = table
+    lines += out
 
 
 def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str]) -> None:
