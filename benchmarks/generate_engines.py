@@ -79,8 +79,8 @@ def main() -> None:
           " steered = evil vector at its layer, coef 4, response positions")
     print(f"# torch {torch.__version__}, vllm {vllm_pkg.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
-    print(f"# CPU contention: the 2 cores were shared with a long higher-priority experiment and other sessions "
-          f"(1-min load average {load1:.1f} before, {load2:.1f} after); one run each, so take ratios, not absolutes")
+    print(f"# 1-min load average {load1:.1f} before, {load2:.1f} after (a load above the core count means other work "
+          "shared the cores); one run each, so take ratios, not absolutes")
     print(f"# load: hf {hf_load:.0f} s, vllm {vllm_load:.0f} s (engine start, workers, KV cache)")
     rates: dict[tuple[str, str], float] = {}
     for engine, label, secs, toks in rows:
