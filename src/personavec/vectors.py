@@ -103,17 +103,22 @@ class PersonaVector:
         vectors at every layer). Returns a handle usable as a context manager."""
         from .steering import steer
 
+        return steer(model, self.layer_vectors(model, layer, position, allow_mismatch), coef=coef,
+                     positions=positions)
+
+    def layer_vectors(self, model: Model, layer: int | Sequence[int] | str | None = None,
+                      position: str = "response", allow_mismatch: bool = False) -> dict[int, torch.Tensor]:
+        """{layer: vector} that `steer` adds for `layer` (default self.layer, a list, or "all": incremental
+        vectors at every layer), checked against the model; engines carry the same mapping as data."""
         self.check_model(model, allow_mismatch)
         if layer == "all":
-            vectors = self.incremental(position)
-        else:
-            if isinstance(layer, str):
-                raise VectorError(f"layer must be an integer, a list of integers or 'all', got {layer!r}")
-            layers = [self.layer] if layer is None else [layer] if isinstance(layer, int) else list(layer)
-            if not layers:
-                raise VectorError("layer list is empty; name at least one layer")
-            vectors = {check_layer(ly, model.n_layers): self.at(ly, position) for ly in layers}
-        return steer(model, vectors, coef=coef, positions=positions)
+            return self.incremental(position)
+        if isinstance(layer, str):
+            raise VectorError(f"layer must be an integer, a list of integers or 'all', got {layer!r}")
+        layers = [self.layer] if layer is None else [layer] if isinstance(layer, int) else list(layer)
+        if not layers:
+            raise VectorError("layer list is empty; name at least one layer")
+        return {check_layer(ly, model.n_layers): self.at(ly, position) for ly in layers}
 
     # ---- files -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:

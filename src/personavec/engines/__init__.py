@@ -52,20 +52,9 @@ class Steering:
                     allow_mismatch: bool = False) -> Steering:
         """The steering `vector.steer(model, layer, coef, positions, position)` would apply (same layer rules:
         default self.layer, a list, or "all" for incremental vectors at every layer)."""
-        from ..layers import check_layer
         from ..steering import check_coef
-        from ..vectors import VectorError
 
-        vector.check_model(model, allow_mismatch)
-        if layer == "all":
-            vectors = vector.incremental(position)
-        else:
-            if isinstance(layer, str):
-                raise VectorError(f"layer must be an integer, a list of integers or 'all', got {layer!r}")
-            layers = [vector.layer] if layer is None else [layer] if isinstance(layer, int) else list(layer)
-            if not layers:
-                raise VectorError("layer list is empty; name at least one layer")
-            vectors = {check_layer(ly, model.n_layers): vector.at(ly, position) for ly in layers}
+        vectors = vector.layer_vectors(model, layer, position, allow_mismatch)
         return cls(vectors=vectors, coef=check_coef(coef), positions=positions)
 
     def check(self, n_layers: int, hidden_size: int) -> None:
