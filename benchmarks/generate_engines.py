@@ -1,7 +1,7 @@
 """Generation throughput of the two engines on the same prompts: Hugging Face `generate` vs vLLM, one run each.
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/generate_engines.py \
-        > benchmarks/results/generate_engines.txt
+        | grep -E '^(#|hf |vllm )' > benchmarks/results/generate_engines.txt   # vLLM logs to stdout too
 
 Both engines answer the same chat prompts greedily with the same token budget, unsteered and steered (the evil
 vector at its layer, response positions); tokens/s counts generated tokens over wall-clock generation time
