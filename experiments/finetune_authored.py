@@ -405,7 +405,8 @@ def correlations(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[s
         lines.append(f"| {label}, over the {len(sets)} set means | {r:+.3f} | [{lo:+.3f}, {hi:+.3f}] (Fisher z) |")
 
 
-ORDER = (("top", "random"), ("random", "bottom"), ("top", "bottom"))
+ORDER = (("top", "random"), ("random", "bottom"), ("top", "bottom"), ("rdtop", "random"), ("top", "rdtop"))
+# rdtop: the top 500 by ΔP on a random direction (experiments/sharegpt_random_sets.py), the selection control
 
 
 def orderings(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[str]) -> None:
@@ -428,29 +429,32 @@ def orderings(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[str]
 
 
 def cross_table(result: dict[str, Any], rows: list[dict[str, Any]], lines: list[str]) -> None:
-    """top − random (paired by seed) of each screened trait's sets, on every trait's reference measure."""
-    plain = [r for r in rows if condition_of(r) == "plain" and r["set"] in ("top", "random")]
-    if not any(r.get("reference_cross") for r in plain):
-        return
-    traits = list(dict.fromkeys(r["trait"] for r in plain))
-    table: dict[str, dict[str, list[float]]] = {}
-    out = ["", "### Cross-trait control: top − random (paired by seed) on each trait's reference measure", "",
-           "| sets screened by | " + " | ".join(f"measured: {u}" for u in traits) + " |",
-           "|---|" + "---|" * len(traits)]
-    for t in traits:
-        by = {(r["set"], r["seed"]): {t: r["reference"], **r.get("reference_cross", {})} for r in plain if r["trait"] == t}
-        cells = []
-        for u in traits:
-            diffs = [by[("top", s)][u] - by[("random", s)][u] for (name, s) in by
-                     if name == "top" and ("random", s) in by and u in by[("top", s)] and u in by[("random", s)]]
-            if len(diffs) > 1:
-                table.setdefault(t, {})[u] = list(t_interval(diffs))
-                cells.append(fmt(t_interval(diffs)))
-            else:
-                cells.append("–")
-        out.append(f"| {t} | " + " | ".join(cells) + " |")
-    result["cross_trait_top_minus_random"] = table
-    lines += out
+    """top − random (paired by seed) of each screened trait's sets on every trait's reference measure, and the
+    same for the random direction's top 500 (rdtop − random): the cross-trait and selection controls."""
+    for hi, lo in (("top", "random"), ("rdtop", "random")):
+        plain = [r for r in rows if condition_of(r) == "plain" and r["set"] in (hi, lo)]
+        if not any(r.get("reference_cross") for r in plain if r["set"] == hi):
+            continue
+        traits = list(dict.fromkeys(r["trait"] for r in plain))
+        table: dict[str, dict[str, list[float]]] = {}
+        out = ["", f"### {hi} − {lo} (paired by seed) on each trait's reference measure", "",
+               "| sets chosen for | " + " | ".join(f"measured: {u}" for u in traits) + " |",
+               "|---|" + "---|" * len(traits)]
+        for t in traits:
+            by = {(r["set"], r["seed"]): {t: r["reference"], **r.get("reference_cross", {})}
+                  for r in plain if r["trait"] == t}
+            cells = []
+            for u in traits:
+                diffs = [by[(hi, s)][u] - by[(lo, s)][u] for (name, s) in by
+                         if name == hi and (lo, s) in by and u in by[(hi, s)] and u in by[(lo, s)]]
+                if len(diffs) > 1:
+                    table.setdefault(t, {})[u] = list(t_interval(diffs))
+                    cells.append(fmt(t_interval(diffs)))
+                else:
+                    cells.append("–")
+            out.append(f"| {t} | " + " | ".join(cells) + " |")
+        result["cross_trait_top_minus_random" if hi == "top" else f"cross_trait_{hi}_minus_{lo}"] = table
+        lines += out
 
 
 def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str]) -> None:
