@@ -1,10 +1,14 @@
 """What the HTTP clients (the OpenAI-compatible judge, the trait generators) share: where an
-OpenAI-compatible endpoint is and which key it takes, and the one-line message a refused request becomes."""
+OpenAI-compatible endpoint is and which key it takes, a POST that rides out rate limits and restarts (for
+APIs without an official client here), and the one-line message a refused request becomes."""
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
+
+from .errors import PersonavecError
 
 
 def openai_endpoint(base_url: str | None, api_key: str | None) -> tuple[str | None, str | None]:
@@ -32,3 +36,37 @@ def status_message(who: str, where: str, code: Any, detail: Any, *, model: str, 
     if isinstance(code, int) and code >= 500:
         return f"{who} at {where} failed with HTTP {code} after {retries} retries: check the server ({detail})"
     return f"{who} at {where} refused the request (HTTP {code}: {detail}); check the model name and URL"
+
+
+def post_with_retries(url: str, body: dict[str, Any], headers: dict[str, str], *, timeout: float,
+                      max_retries: int, who: str, where: str) -> Any:
+    """POST `body` as JSON over httpx and return the response, whatever its status. Connection errors are
+    retried with exponential backoff, 429 and 5xx after the server's retry-after, up to `max_retries`
+    times; a server still unreachable then is a PersonavecError naming `who` ("generator") and `where`."""
+    import httpx
+
+    for attempt in range(max_retries + 1):
+        try:
+            resp = httpx.post(url, json=body, headers=headers, timeout=timeout)
+        except httpx.TransportError:
+            if attempt == max_retries:
+                raise PersonavecError(f"{who} at {where} is unreachable after {max_retries} retries: "
+                                      "check the URL and the network") from None
+            time.sleep(min(2.0 ** attempt, 30))
+            continue
+        if (resp.status_code == 429 or resp.status_code >= 500) and attempt < max_retries:
+            time.sleep(retry_after(resp.headers, attempt))
+            continue
+        return resp
+    raise AssertionError("unreachable")
+
+
+def retry_after(headers: Any, attempt: int) -> float:
+    """Seconds to wait before retry `attempt`: the server's retry-after(-ms), capped at a minute, else
+    exponential backoff capped at 30 s."""
+    for key, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return min(float(headers[key]) * scale, 60.0)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return min(2.0 ** attempt, 30.0)

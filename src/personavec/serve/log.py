@@ -6,11 +6,15 @@ system should not quietly become a transcript store."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io import append_jsonl
+
+if TYPE_CHECKING:
+    from .schemas import RequestBase
 
 TEXT_FIELDS = ("messages", "prompt", "completion")
 
@@ -31,3 +35,9 @@ class RequestLog:
         kept = row if self.log_prompts else {k: v for k, v in row.items() if k not in TEXT_FIELDS}
         with self._lock:
             append_jsonl(self.path, [kept])
+
+
+def log_fields(cid: str, req: RequestBase, **more: Any) -> dict[str, Any]:
+    """The fields a request's log row starts with (the engine adds timings, tokens, steering, persona)."""
+    return {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), "id": cid,
+            "model": req.model, "stream": req.stream, **more}
