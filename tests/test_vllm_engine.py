@@ -9,14 +9,17 @@ attention kernel; a large gap is a bug)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import personavec as pv
+import personavec.models
 from personavec.chat import encode_chat, messages_for
 from personavec.engines import EngineError, HFEngine, Steering, make_engine
 from personavec.generation import generate_ids
@@ -149,3 +152,26 @@ def test_vllm_steered_matches_hf(model32: pv.Model, vllm_engine: object) -> None
 def test_vllm_refuses_hooks_it_cannot_see(model32: pv.Model, vllm_engine: object) -> None:
     with pv.steer(model32, {5: _direction(model32)}, coef=1.0), pytest.raises(EngineError, match="cannot see"):
         generate_ids(model32, _prompts(model32)[:1], max_new_tokens=2, engine=vllm_engine)  # type: ignore[arg-type]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_generate_command_engine_vllm_steered_matches_hf(model32: pv.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`personavec generate --engine vllm` with steering coefficients answers exactly as `--engine hf` (greedy,
+    float32): the command builds one engine, passes the steering to its workers per coefficient, and closes it;
+    vLLM's logs stay off stdout, so --json is still one document."""
+    from personavec.cli import app
+
+    monkeypatch.setattr(personavec.models, "load_model", lambda spec=None, **kwargs: model32)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    args = ["generate", "--json", "--dtype", "float32", "--vector", str(EVIL), "--coef", "0", "--coef", "6",
+            "--max-new-tokens", str(NEW), *QUESTIONS]
+    runner = CliRunner(env={"COLUMNS": "200", "HF_HUB_OFFLINE": "1"})
+    results = {}
+    for engine in ("hf", "vllm"):
+        res = runner.invoke(app, [*args, "--engine", engine])
+        assert res.exit_code == 0, (res.output, res.exception)
+        results[engine] = json.loads(res.stdout)
+    assert results["vllm"] == results["hf"]
+    answers = [[a["text"] for a in p["answers"]] for p in results["hf"]["prompts"]]
+    assert any(unsteered != steered for unsteered, steered in answers), "coefficient 6 must change some answer"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .chat import messages_for
+from .engines import engine_scope, run_settings
 from .errors import PersonavecError
 from .generation import generate
 from .io import atomic_path, read_jsonl
@@ -31,6 +32,7 @@ from .traits import LoadedTrait, load_trait
 from .traits.schema import normalize_question
 
 if TYPE_CHECKING:
+    from .engines import Engine
     from .models import Model
 
 LEVELS = ("normal", "level1", "level2")
@@ -96,8 +98,10 @@ def _rows(questions: list[str], plan: list[tuple[int, int]], answers: list[str])
 
 def elicit(model: Model, trait: str | Path | LoadedTrait, out: str | Path, *,
            settings: ElicitSettings | None = None, extra_questions: list[str] | None = None,
-           levels: tuple[str, ...] = LEVELS, progress: Progress = no_progress) -> dict[str, Path]:
-    """Write OUT/{normal,level1,level2}.jsonl; returns the paths. Empty answers are dropped."""
+           levels: tuple[str, ...] = LEVELS, engine: Engine | str | None = None,
+           progress: Progress = no_progress) -> dict[str, Path]:
+    """Write OUT/{normal,level1,level2}.jsonl; returns the paths. Empty answers are dropped. `engine` ("hf",
+    "vllm" or an engine object) generates the answers."""
     s = settings or ElicitSettings()
     s.validate()
     loaded = trait if isinstance(trait, LoadedTrait) else load_trait(trait)
@@ -109,29 +113,34 @@ def elicit(model: Model, trait: str | Path | LoadedTrait, out: str | Path, *,
     slots = s.n_prompts or len(loaded.trait.pairs)
     folder = open_run(out, "elicit", {"model_id": model.model_id, "fingerprint": model.fingerprint,
                                       "trait": loaded.trait.name, "trait_sha256": loaded.sha256,
-                                      "questions": questions, **asdict(s)})
+                                      "questions": questions, **asdict(s), **run_settings(engine)})
     plan = [(q, k * s.rollouts + r) for q in range(len(questions)) for k in range(slots) for r in range(s.rollouts)]
     mixed = "level1" in levels and prompts["level1"] is None
     needed = set(levels) | ({"normal", "level2"} if mixed else set())
     paths: dict[str, Path] = {}
-    for n, level in enumerate(("normal", "level2", "level1")):
-        if level not in needed:
-            continue
-        path = folder / f"{level}.jsonl"
-        paths[level] = path
-        if path.exists():  # finished earlier: resume
-            continue
-        if level == "level1" and prompts["level1"] is None:
-            rows = _mixed_level1(folder, len(plan), s.seed)
-        else:
+    with engine_scope(model, engine) as eng:
+        for n, level in enumerate(("normal", "level2", "level1")):
+            if level not in needed:
+                continue
+            path = folder / f"{level}.jsonl"
+            paths[level] = path
+            if path.exists():  # finished earlier: resume
+                continue
             systems = prompts[level]
-            assert systems is not None
-            convs = [messages_for(questions[q], systems[(slot // s.rollouts) % len(systems)]) for q, slot in plan]
-            texts = generate(model, convs, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                             seed=s.seed + 7919 * n, batch_size=s.batch_size, progress=progress, task=level)
-            rows = _rows(questions, plan, texts)
-        _write(path, rows)
+            rows = (_mixed_level1(folder, len(plan), s.seed) if systems is None else
+                    _answer_level(model, eng, questions, plan, systems, s, 7919 * n, level, progress))
+            _write(path, rows)
     return {lv: paths[lv] for lv in levels}
+
+
+def _answer_level(model: Model, engine: Engine, questions: list[str], plan: list[tuple[int, int]],
+                  systems: list[str], s: ElicitSettings, seed_offset: int, level: str,
+                  progress: Progress) -> list[dict[str, Any]]:
+    """One level's rows: every (question, slot) answered under the slot's system prompt."""
+    convs = [messages_for(questions[q], systems[(slot // s.rollouts) % len(systems)]) for q, slot in plan]
+    texts = generate(model, convs, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                     seed=s.seed + seed_offset, batch_size=s.batch_size, progress=progress, task=level, engine=engine)
+    return _rows(questions, plan, texts)
 
 
 def _mixed_level1(folder: Path, n: int, seed: int) -> list[dict[str, Any]]:

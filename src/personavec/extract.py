@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .capture import Sample, capture_means
 from .chat import encode_chat, encode_response, messages_for
+from .engines import engine_record, engine_scope, run_settings
 from .errors import PersonavecError
 from .generation import generate_ids
 from .judges import Judge, JudgeItem, make_judge
@@ -23,6 +24,7 @@ from .traits import LoadedTrait, load_trait
 from .vectors import LAYER_CONVENTION, PersonaVector, now_iso
 
 if TYPE_CHECKING:
+    from .engines import Engine
     from .models import Model
 
 CAPTURE_POSITIONS = ("response", "prompt", "last_prompt")
@@ -85,10 +87,11 @@ def _offset(progress: Progress, task: str, base: int, total: int) -> Progress:
 
 def extract(model: Model, trait: str | Path | LoadedTrait, *, judge: Judge | str | None = None,
             settings: ExtractSettings | None = None, run_dir: str | Path | None = None, batch_size: int = 32,
-            progress: Progress = no_progress, **overrides: Any) -> PersonaVector:
+            engine: Engine | str | None = None, progress: Progress = no_progress, **overrides: Any) -> PersonaVector:
     """Extract a persona vector. `trait`: a built-in name or a trait file. `judge`: a Judge, a judge spec
-    string ("contrast", "openai:MODEL", "local"), or None for the judge-free contrast scorer.
-    Keyword overrides set ExtractSettings fields, e.g. extract(model, "evil", n_questions=5)."""
+    string ("contrast", "openai:MODEL", "local"), or None for the judge-free contrast scorer. `engine`
+    generates the rollouts ("hf", "vllm" or an engine object; see `personavec.engines`); capture stays on
+    the Hugging Face model. Keyword overrides set ExtractSettings fields, e.g. extract(model, "evil", n_questions=5)."""
     loaded = trait if isinstance(trait, LoadedTrait) else load_trait(trait)
     s = settings or ExtractSettings()
     if overrides:
@@ -102,20 +105,21 @@ def extract(model: Model, trait: str | Path | LoadedTrait, *, judge: Judge | str
     if run_dir is not None:
         folder = open_run(run_dir, "extract", {
             "model_id": model.model_id, "fingerprint": model.fingerprint, "trait": loaded.trait.name,
-            "trait_sha256": loaded.sha256, "judge": the_judge.name, **asdict(s)})
+            "trait_sha256": loaded.sha256, "judge": the_judge.name, **asdict(s), **run_settings(engine)})
     plan = plan_rollouts(loaded, s)
     tok = model.tokenizer
     rollouts = Records(folder / "rollouts.jsonl" if folder else None)
     scores = Records(folder / "scores.jsonl" if folder else None)
 
     # 1. rollouts, in chunks that are checkpointed as they finish
-    for position, part in pending_chunks(plan, rollouts, batch_size * 2):
-        prompts = [encode_chat(tok, messages_for(r.question_text, r.system)) for r in part]
-        outs = generate_ids(model, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                            seed=chunk_seed(s.seed, position), batch_size=batch_size,
-                            progress=_offset(progress, "rollouts", position, len(plan)))
-        rollouts.add([{**asdict(r), "response": tok.decode(o, skip_special_tokens=True).strip()}
-                      for r, o in zip(part, outs, strict=True)])
+    with engine_scope(model, engine) as eng:
+        for position, part in pending_chunks(plan, rollouts, batch_size * 2):
+            prompts = [encode_chat(tok, messages_for(r.question_text, r.system)) for r in part]
+            outs = generate_ids(model, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                seed=chunk_seed(s.seed, position), batch_size=batch_size,
+                                progress=_offset(progress, "rollouts", position, len(plan)), engine=eng)
+            rollouts.add([{**asdict(r), "response": tok.decode(o, skip_special_tokens=True).strip()}
+                          for r, o in zip(part, outs, strict=True)])
     progress("rollouts", len(plan), len(plan))
 
     # 2. judge scores (and coherence where the judge has it)
@@ -161,7 +165,7 @@ def extract(model: Model, trait: str | Path | LoadedTrait, *, judge: Judge | str
         "judge": the_judge.name, "threshold": threshold, "coherence_min": s.coherence_min,
         "counts": {"positive_kept": len(kept["pos"]), "negative_kept": len(kept["neg"]),
                    "positive_total": totals["pos"], "negative_total": totals["neg"]},
-        "settings": asdict(s), "version": __version__, "created": now_iso(),
+        "settings": asdict(s), "engine": engine_record(engine), "version": __version__, "created": now_iso(),
         "run_dir": str(folder) if folder else None,
     }
     vector = PersonaVector(tensors=tensors, meta=meta)

@@ -11,6 +11,7 @@ from .errors import PersonavecError
 from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
+    from .engines import Engine
     from .models import Model
     from .vectors import PersonaVector
 
@@ -71,10 +72,13 @@ def plan_grid(vector: PersonaVector | None, layer: Layer, coefs: Sequence[float]
 def generate_grid(model: Model, prompts: Sequence[str], vector: PersonaVector | None = None, *,
                   layer: Layer = None, coefs: Sequence[float] | None = None, positions: str = "response",
                   system: str | None = None, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 0,
-                  allow_mismatch: bool = False, progress: Progress = no_progress) -> GridResult:
-    """Answer every prompt once per coefficient, steering with `vector` at `layer` (hooks removed after each
-    coefficient, also on error). Every coefficient's answers use the same seed."""
+                  allow_mismatch: bool = False, engine: Engine | str | None = None,
+                  progress: Progress = no_progress) -> GridResult:
+    """Answer every prompt once per coefficient, steering with `vector` at `layer`. Every coefficient's
+    answers use the same seed. `engine` ("hf", "vllm" or an engine object) generates them, carrying the
+    steering itself (hooks on the Hugging Face model would not reach vLLM's workers)."""
     from .chat import messages_for
+    from .engines import Steering, engine_scope
     from .generation import generate
 
     if not prompts:
@@ -84,15 +88,12 @@ def generate_grid(model: Model, prompts: Sequence[str], vector: PersonaVector | 
         vector.check_model(model, allow_mismatch)
     conversations = [messages_for(p, system) for p in prompts]
     answers: list[list[str]] = []
-    for c in checked:
-        handle = vector.steer(model, layer=chosen, coef=c, positions=positions,
-                              allow_mismatch=allow_mismatch) if vector is not None else None
-        try:
+    with engine_scope(model, engine) as eng:
+        for c in checked:
+            spec = Steering.from_vector(vector, model, layer=chosen, coef=c, positions=positions,
+                                        allow_mismatch=allow_mismatch) if vector is not None else None
             answers.append(generate(model, conversations, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    seed=seed, progress=progress, task=f"coef {c:+g}"))
-        finally:
-            if handle is not None:
-                handle.remove()
+                                    seed=seed, progress=progress, task=f"coef {c:+g}", engine=eng, steering=spec))
     rows = [GridAnswer(p, [answers[j][i] for j in range(len(checked))]) for i, p in enumerate(prompts)]
     return GridResult(model_id=model.model_id, trait=vector.trait if vector is not None else None, layer=chosen,
                       positions=positions, coefs=checked, rows=rows)

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .chat import Message, encode_chat, encode_response, messages_for
+from .engines import engine_record, engine_scope, run_settings
 from .errors import PersonavecError, TraitError, VectorError
 from .evaluate import EvalSettings, reference_answers
 from .generation import generate_ids
@@ -58,6 +59,7 @@ from .traits import LoadedTrait, load_trait
 from .vectors import PersonaVector, now_iso
 
 if TYPE_CHECKING:
+    from .engines import Engine
     from .models import Model
 
 CONDITIONS = ("graded", "many_shot")
@@ -157,7 +159,7 @@ def calibrate(rows: Sequence[dict[str, Any]], values: Callable[[dict[str, Any]],
 
 # ---- prompts -----------------------------------------------------------------------------------------------
 def shot_examples(model: Model, loaded: LoadedTrait, judge: Judge, s: MonitorSettings, folder: Path | None,
-                  progress: Progress = no_progress) -> list[dict[str, Any]]:
+                  progress: Progress = no_progress, engine: Engine | str | None = None) -> list[dict[str, Any]]:
     """max(shots) example dialogues from EXTRACTION questions answered under positive system prompts,
     ranked by the judge's trait score (highest first). Cached in the run folder."""
     n = max(s.shots) if "many_shot" in s.conditions else 0
@@ -169,7 +171,7 @@ def shot_examples(model: Model, loaded: LoadedTrait, judge: Judge, s: MonitorSet
         plan = [(j, qs[j % len(qs)], pairs[(j + j // len(qs)) % len(pairs)].positive) for j in range(len(rows), n)]
         prompts = [encode_chat(model.tokenizer, messages_for(q, system)) for _, q, system in plan]
         outs = generate_ids(model, prompts, max_new_tokens=s.shot_tokens, temperature=1.0, seed=s.seed + 15485863,
-                            progress=progress, task="shot examples")
+                            progress=progress, task="shot examples", engine=engine)
         texts = [model.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
         scores = judge.score_batch([JudgeItem(q, a, system) for (_, q, system), a in zip(plan, texts, strict=True)],
                                    t.rubric, progress=progress)
@@ -248,12 +250,12 @@ def prompt_readings(model: Model, prompt: list[int], continuations: Sequence[lis
 
 
 def _references(model: Model, loaded: LoadedTrait, s: MonitorSettings, folder: Path | None,
-                progress: Progress) -> dict[int, dict[str, list[int]]]:
+                progress: Progress, engine: Engine) -> dict[int, dict[str, list[int]]]:
     """{question index: {"positive": ids, "negative": ids}} of the reference answers."""
     if not s.judge_free:
         return {}
     refs = reference_answers(model, loaded, EvalSettings(n_reference=s.n_questions, max_new_tokens=s.max_new_tokens,
-                                                         seed=s.seed), folder, progress)
+                                                         seed=s.seed), folder, progress, engine)
     out: dict[int, dict[str, list[int]]] = {}
     for r in refs:
         out.setdefault(r["question_idx"], {})[r["side"]] = encode_response(model.tokenizer, r["answer"])
@@ -283,11 +285,12 @@ def within_levels(points: Sequence[dict[str, Any]], measure: str) -> float | Non
 def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, *,
                  judge: Judge | str | None = None, settings: MonitorSettings | None = None, layer: int | None = None,
                  run_dir: str | Path | None = None, allow_mismatch: bool = False, chunk: int = 16,
-                 progress: Progress = no_progress) -> dict[str, Any]:
+                 engine: Engine | str | None = None, progress: Progress = no_progress) -> dict[str, Any]:
     """Run the monitoring experiment; returns the results dict (also results.json in the run folder).
 
     `layer`: where the projection is read (default: the vector's chosen layer). With `run_dir`, every point
-    is stored as it finishes and a rerun resumes."""
+    is stored as it finishes and a rerun resumes. `engine` ("hf", "vllm" or an engine object) samples the
+    shot examples, reference answers and answers; every reading is taken on the Hugging Face model."""
     loaded = trait if isinstance(trait, LoadedTrait) else load_trait(trait)
     s = settings or MonitorSettings()
     s.validate()
@@ -302,12 +305,26 @@ def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaV
         the_judge.check()
     identity = {"model_id": model.model_id, "fingerprint": model.fingerprint, "trait": loaded.trait.name,
                 "trait_sha256": loaded.sha256, "judge": the_judge.name, "vector_digest": vector.digest(),
-                "layer": read_layer, **asdict(s)}
+                "layer": read_layer, **asdict(s), **run_settings(engine)}
     folder = open_run(run_dir, "monitor", identity) if run_dir is not None else None
+    with engine_scope(model, engine) as eng:
+        shots = shot_examples(model, loaded, the_judge, s, folder, progress, eng)
+        points = _points(model, loaded, vector, the_judge, s, folder, read_layer, shots, chunk, eng, progress)
+    result = summarize(points, layer=read_layer, judge=the_judge, identity=identity, shots=shots,
+                       n_layers=model.n_layers)
+    result["engine"] = engine_record(engine)
+    if folder is not None:
+        write_outputs(folder, points, result)
+    return result
+
+
+def _points(model: Model, loaded: LoadedTrait, vector: PersonaVector, the_judge: Judge, s: MonitorSettings,
+            folder: Path | None, read_layer: int, shots: list[dict[str, Any]], chunk: int, engine: Engine,
+            progress: Progress) -> list[dict[str, Any]]:
+    """Every prompt × question point of the plan, the finished ones read back from the run folder."""
     tok = model.tokenizer
-    shots = shot_examples(model, loaded, the_judge, s, folder, progress)
     plan = plan_prompts(loaded, s, shots)
-    refs = _references(model, loaded, s, folder, progress)
+    refs = _references(model, loaded, s, folder, progress, engine)
     authored = _authored(model, loaded)
     profile_dirs = directions({f"L{ly}": vector for ly in range(1, model.n_layers + 1)},
                               {f"L{ly}": ly for ly in range(1, model.n_layers + 1)})
@@ -319,7 +336,7 @@ def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaV
         prompts = [encode_chat(tok, p.messages) for p in part]
         outs = generate_ids(model, [pr for pr in prompts for _ in range(s.rollouts)], max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, seed=chunk_seed(s.seed, position), progress=progress,
-                            task="answers")
+                            task="answers", engine=engine)
         texts = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
         items = [JudgeItem(p.question, texts[i * s.rollouts + r], p.messages[0]["content"]
                            if p.condition == "graded" else None) for i, p in enumerate(part) for r in range(s.rollouts)]
@@ -346,12 +363,7 @@ def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaV
                          "reference": None if lp_w is None or lp_wo is None else lp_w - lp_wo})
         done.add(rows)
         progress("points", position + len(part), len(plan))
-    points = [done[p.key] for p in plan]
-    result = summarize(points, layer=read_layer, judge=the_judge, identity=identity, shots=shots,
-                       n_layers=model.n_layers)
-    if folder is not None:
-        write_outputs(folder, points, result)
-    return result
+    return [done[p.key] for p in plan]
 
 
 def _scopes(points: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .engines import EngineError, engine_record, engine_scope
+from .engines import run_settings as engine_settings
 from .errors import VectorError
 from .io import append_jsonl, atomic_path, write_json, write_text
 from .models import cache_root
@@ -38,6 +40,7 @@ from .stats import mean_ci
 from .vectors import name_by_trait
 
 if TYPE_CHECKING:
+    from .engines import Engine
     from .models import Model
     from .vectors import PersonaVector
 
@@ -96,14 +99,21 @@ def score_dataset(model: Model, data: str | os.PathLike[str], vectors: Mapping[s
                   settings: ScoreSettings, run_dir: str | os.PathLike[str], chunk_size: int = 256,
                   cache: str | os.PathLike[str] | None = None, ray: str | None = None, workers: int = 2,
                   cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                  progress: Progress = no_progress, task: str = "screen") -> Scored:
-    """Score every chunk not yet in the run folder, then gather all rows (sorted by index) and rejects."""
+                  engine: Engine | str | None = None, progress: Progress = no_progress,
+                  task: str = "screen") -> Scored:
+    """Score every chunk not yet in the run folder, then gather all rows (sorted by index) and rejects.
+    `engine` writes full mode's base answers (fast mode generates nothing)."""
+    generates = not settings.fast
+    if generates and ray is not None and engine_record(engine)["name"] != "hf":
+        raise EngineError(f"--ray scores on each worker's own Hugging Face model; the {engine_record(engine)['name']} "
+                          "engine runs in this process: drop --ray, or use --fast, or --engine hf")
     source = open_source(data, chunk_size)
     layer_of = {t: settings.layer if settings.layer is not None else v.layer for t, v in vectors.items()}
     run_settings = {"input_sha256": source.sha256, "format": source.format, "chunk_size": chunk_size,
                     "model": model.model_id, "fingerprint": model.fingerprint, "dtype": str(model.dtype),
                     "vectors": {t: v.digest() for t, v in vectors.items()}, "layers": layer_of,
-                    **{k: v for k, v in asdict(settings).items() if k != "layer"}}
+                    **{k: v for k, v in asdict(settings).items() if k != "layer"},
+                    **(engine_settings(engine) if generates else {})}
     folder = open_run(Path(run_dir), "screen", run_settings)
     chunks_path = folder / CHUNKS_FILE
     done = {int(r["chunk"]) for r in _records(chunks_path)}
@@ -115,7 +125,7 @@ def score_dataset(model: Model, data: str | os.PathLike[str], vectors: Mapping[s
         answer_cache = AnswerCache(cache_path)
         try:
             for ref, items in iter_chunks(source, skip=done):
-                rows, rejects = score_chunk(model, vectors, items, settings, answer_cache)
+                rows, rejects = score_chunk(model, vectors, items, settings, answer_cache, engine=engine)
                 append_jsonl(chunks_path, [{"chunk": ref.chunk, "count": ref.count, "rows": rows,
                                             "rejects": [r.as_dict() for r in rejects]}])
                 finished += ref.count
@@ -181,12 +191,14 @@ def screen(model: Model, data: str | os.PathLike[str],
            filtered_out: str | os.PathLike[str] | None = None, run_dir: str | os.PathLike[str] | None = None,
            cache: str | os.PathLike[str] | None = None, ray: str | None = None, workers: int = 2,
            cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, allow_mismatch: bool = False,
-           histograms: bool = True, progress: Progress = no_progress) -> ScreenResult:
+           histograms: bool = True, engine: Engine | str | None = None,
+           progress: Progress = no_progress) -> ScreenResult:
     """Screen `data` (JSONL or Parquet conversations) with one or more persona vectors; see the module doc.
 
     Flags: ΔP above `threshold` (one number, or per trait), or above the `percentile` of ΔP on the
     reference dataset `calibrate` (screened with the same settings). The run folder (default
-    `<out>.run`) makes a rerun resume; `cache` holds base-model answers (default in the user cache)."""
+    `<out>.run`) makes a rerun resume; `cache` holds base-model answers (default in the user cache).
+    `engine` ("hf", "vllm" or an engine object) writes full mode's base answers."""
     named = _named(vectors)
     for v in named.values():
         v.check_model(model, allow_mismatch)
@@ -210,13 +222,14 @@ def screen(model: Model, data: str | os.PathLike[str],
     common: dict[str, Any] = {"settings": settings, "chunk_size": chunk_size, "cache": cache, "ray": ray,
                               "workers": workers, "cpus_per_worker": cpus_per_worker,
                               "gpus_per_worker": gpus_per_worker, "progress": progress}
-    scored = score_dataset(model, data, named, run_dir=folder, **common, task="screen")
+    with engine_scope(model, engine) as eng:
+        scored = score_dataset(model, data, named, run_dir=folder, engine=eng, **common, task="screen")
+        reference = (score_dataset(model, calibrate, named, run_dir=folder / "reference", engine=eng, **common,
+                                   task="calibrate") if calibrate is not None else None)
     traits = list(named)
     thresholds = _thresholds(threshold, traits)
     source_of_threshold = "given" if threshold is not None else None
-    reference: Scored | None = None
-    if calibrate is not None:
-        reference = score_dataset(model, calibrate, named, run_dir=folder / "reference", **common, task="calibrate")
+    if reference is not None:
         if len(reference.index) == 0:
             raise DatasetError(f"the calibration dataset '{calibrate}' has no valid samples; see its rejects")
         thresholds = {t: percentile_threshold(reference.columns[f"{t}_delta_p"], percentile) for t in traits}
@@ -250,7 +263,8 @@ def screen(model: Model, data: str | os.PathLike[str],
         "input": str(data), "input_sha256": scored.source.sha256, "rows": scored.source.n_rows, "scored": n,
         "rejected": len(scored.rejects), "reject_reasons": dict(reasons), "flagged_any": int(flagged_any.sum()),
         "mode": "fast (last prompt token)" if fast else "full (base model's own answer)",
-        "model": model.model_id, "max_new_tokens": None if fast else max_new_tokens, "traits": summary_traits,
+        "model": model.model_id, "max_new_tokens": None if fast else max_new_tokens,
+        "engine": None if fast else engine_record(engine), "traits": summary_traits,
         "scores": str(out_p), "rejects_file": str(rejects_p), "run_dir": str(folder)}
     result = ScreenResult(scores=out_p, rejects=rejects_p, summary_path=summary_p, summary=summary)
     if histograms:

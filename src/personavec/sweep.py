@@ -18,6 +18,7 @@ from .steering import check_coef
 from .traits import LoadedTrait, load_trait
 
 if TYPE_CHECKING:
+    from .engines import Engine
     from .models import Model
     from .vectors import PersonaVector
 
@@ -91,10 +92,11 @@ def sweep(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, 
           judge: Judge | str | None = None, settings: EvalSettings | None = None,
           run_dir: str | Path, coherence_min: float | None = None, vector_path: str | Path | None = None,
           allow_mismatch: bool = False, controls: Mapping[str, PersonaVector] | None = None,
-          progress: Progress = no_progress) -> dict[str, Any]:
+          engine: Engine | str | None = None, progress: Progress = no_progress) -> dict[str, Any]:
     """Evaluate the grid (and the same steered grid for each control), write cells.csv and choice.json into
     `run_dir`, and (if `vector_path` is given) rewrite that vector file atomically with best_layer /
-    best_coef in its metadata. The choice reads the trait's own cells only."""
+    best_coef in its metadata. The choice reads the trait's own cells only. `engine` generates every cell's
+    answers, steered per cell (see `evaluate`)."""
     loaded = trait if isinstance(trait, LoadedTrait) else load_trait(trait)
     vector.check_model(model, allow_mismatch)
     layer_list = list(default_layers(model.n_layers) if layers is None else layers)
@@ -115,7 +117,7 @@ def sweep(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, 
     # the run folder is identified by the vector's digest and the settings; its grid may grow between runs
     cells = evaluate(model, loaded, vector=vector, conditions=conditions, judge=judge, settings=settings,
                      run_dir=run_dir, kind="sweep", allow_mismatch=allow_mismatch, controls=controls,
-                     progress=progress)
+                     engine=engine, progress=progress)
     s = settings or EvalSettings()
     choice = {**choose(cells, coherence_min), "judge": measure, "measure": measure, "trait": loaded.trait.name,
               "half": s.half, "layers": layer_list, "coefs": coef_list, "vector_file": str(vector_path or "")}

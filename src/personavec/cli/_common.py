@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -98,6 +99,11 @@ ControlOpt = Annotated[list[str] | None, typer.Option(help="Control direction ru
                                                       "(or random:SEED) or another vector file; repeatable.")]
 HalfOpt = Annotated[str, typer.Option(help="Evaluation questions: all | first | second half (choose settings "
                                       "on one half, report on the other).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="Who generates: hf (Hugging Face generate, the exact "
+                                        "reference) | vllm (the vllm extra: paged attention, tensor parallelism; "
+                                        "steering runs inside its workers).")]
+TensorParallelOpt = Annotated[int, typer.Option("--tensor-parallel-size", help="GPUs the vllm engine splits the "
+                                                "model over (vllm engine only).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout "
                                        "(progress and warnings on stderr).")]
 
@@ -199,7 +205,8 @@ def main_with(app: typer.Typer) -> None:
     try:
         app()
     except PersonavecError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a message naming e.g. personavec[vllm] must print as written, not as rich markup
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; rerun the same command to resume where a run folder is used")

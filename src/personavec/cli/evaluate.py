@@ -13,11 +13,13 @@ from ._common import (
     ControlOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     HalfOpt,
     JsonOpt,
     JudgeOpt,
     LayersPathOpt,
     ModelOpt,
+    TensorParallelOpt,
     emit_json,
     load,
     out,
@@ -41,11 +43,13 @@ def eval_cmd(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0, seed: int = 0,
     capability: Annotated[bool, typer.Option(help="Also measure perplexity and quiz accuracy.")] = False,
     model: ModelOpt = None,
+    engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     allow_model_mismatch: Annotated[bool, typer.Option(help="Apply a vector made on other weights.")] = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score the model's answers to the trait's evaluation questions, optionally steered."""
+    from ..engines import check_engine, open_engine
     from ..evaluate import Condition, EvalSettings, evaluate
     from ..traits import load_trait
     from ..vectors import PersonaVector
@@ -61,11 +65,12 @@ def eval_cmd(
                             half=half)
     settings.validate()
     controls = _controls(control, vec, seed)
+    check_engine(engine, tensor_parallel_size)
     m = load(model, device, dtype, layers_path)
-    with progress_bars() as cb:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
         cells = evaluate(m, loaded, vector=vec, conditions=[Condition(chosen, c) for c in coefs], judge=judge,
                          settings=settings, run_dir=out_dir, allow_mismatch=allow_model_mismatch, progress=cb,
-                         controls=controls, extra_settings={"vector": str(vector or ""),
+                         controls=controls, engine=eng, extra_settings={"vector": str(vector or ""),
                                                             "control_specs": list(control or [])})
     if as_json:
         emit_json({"run_dir": out_dir, "trait": loaded.trait.name, "vector": vector, "half": half,
@@ -116,11 +121,13 @@ def sweep_cmd(
     capability: Annotated[bool, typer.Option(help="Also measure perplexity and quiz accuracy per cell.")] = False,
     no_update: Annotated[bool, typer.Option("--no-update-vector", help="Do not write the choice into the vector.")] = False,
     model: ModelOpt = None,
+    engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     allow_model_mismatch: Annotated[bool, typer.Option(help="Apply a vector made on other weights.")] = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a layer × coefficient grid and choose where to steer (written into the vector file)."""
+    from ..engines import check_engine, open_engine
     from ..evaluate import EvalSettings
     from ..layers import check_layer
     from ..report import read_cells
@@ -137,15 +144,16 @@ def sweep_cmd(
     coef_list = parse_floats(coefs, "--coefs")
     for c in coef_list or []:
         check_coef(c)
+    check_engine(engine, tensor_parallel_size)
     m = load(model, device, dtype, layers_path)
     settings = EvalSettings(n_questions=n_questions, max_new_tokens=max_new_tokens, seed=seed, capability=capability,
                             half=half)
     settings.validate()
     controls = _controls(control, vec, seed)
-    with progress_bars() as cb:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
         choice = sweep(m, loaded, vec, layers=layer_list, coefs=coef_list, judge=judge, settings=settings,
                        run_dir=out_dir, coherence_min=coherence_min, vector_path=None if no_update else vector,
-                       allow_mismatch=allow_model_mismatch, controls=controls, progress=cb)
+                       allow_mismatch=allow_model_mismatch, controls=controls, engine=eng, progress=cb)
     cells = [dict(c) for c in read_cells(out_dir / "cells.csv")[1]]
     if as_json:
         emit_json({"run_dir": out_dir, "vector": vector, "vector_updated": not no_update, "half": settings.half,

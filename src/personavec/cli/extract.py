@@ -10,9 +10,11 @@ import typer
 from ._common import (
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     JsonOpt,
     LayersPathOpt,
     ModelOpt,
+    TensorParallelOpt,
     emit_json,
     load,
     out,
@@ -34,18 +36,21 @@ def extract(
     threshold: Annotated[float | None, typer.Option(help="Trait-score threshold (default: judge's neutral point).")] = None,
     seed: int = 0,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 32,
+    engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Extract a persona vector: rollouts under contrastive prompts, judge, filter, capture, difference."""
+    from ..engines import check_engine, open_engine
     from ..extract import extract as run_extract
     from ..traits import load_trait
 
-    loaded = load_trait(trait)  # fail on a bad trait before spending time on the model
+    loaded = load_trait(trait)  # fail on a bad trait or engine before spending time on the model
+    check_engine(engine, tensor_parallel_size)
     m = load(model, device, dtype, layers_path)
     folder = run_dir or out_path.with_name(out_path.name + ".run")
-    with progress_bars() as cb:
-        vec = run_extract(m, loaded, judge=judge, run_dir=folder, batch_size=batch_size, progress=cb,
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
+        vec = run_extract(m, loaded, judge=judge, run_dir=folder, batch_size=batch_size, engine=eng, progress=cb,
                           n_questions=n_questions, n_pairs=n_pairs, rollouts=rollouts,
                           max_new_tokens=max_new_tokens, temperature=temperature, threshold=threshold, seed=seed)
     vec.save(out_path)

