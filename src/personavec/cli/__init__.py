@@ -14,6 +14,7 @@ from . import (
     generate,
     interop,  # noqa: F401  (its commands register on the traits and vector groups)
     monitor,
+    reproduce,
     screen,
     serve,
     train,
@@ -39,6 +40,7 @@ app.command("monitor-eval")(monitor.monitor_eval_cmd)
 app.command("screen")(screen.screen_cmd)
 app.command("serve")(serve.serve)
 app.command("train")(train.train_cmd)
+app.command("reproduce")(reproduce.reproduce_cmd)
 app.command("shift")(train.shift_cmd)
 
 app.add_typer(traits.traits_app, name="traits")

@@ -1,0 +1,274 @@
+"""The one self-contained page of a `personavec reproduce` run: a section per stage with its settings, its
+numbers and intervals, a one-sentence plain reading and its targets, then every target in one table.
+Figures are embedded PNGs (the helpers of `report.html` and `report.plots`); nothing is loaded from anywhere."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from ..io import write_text
+from ..reproduce.capability import CapabilityResult
+from ..reproduce.context import NotRun
+from ..reproduce.extraction import ExtractionResult
+from ..reproduce.finetuning import FinetuneResult
+from ..reproduce.monitoring import MonitorResult
+from ..reproduce.records import Interval, Target
+from ..reproduce.screening import ScreenResult
+from ..reproduce.settings import ReproduceSettings, flatten
+from ..reproduce.steering import SteeringResult
+from .html import _CSS, LAYER_CONVENTION, _img, _kv_table, read_cells
+from .plots import metric_vs_coef
+from .reproduce_plots import rise_bars
+
+TITLES = {"extract": "1. Extraction", "sweep": "2. Steering sweep with controls", "capability": "3. Capability at the "
+          "chosen setting", "monitor": "4. Monitoring: projection vs trait", "finetune": "5. Finetuning",
+          "screen": "6. Screening"}
+EXTRA_CSS = ".met{color:#1e7b34;font-weight:600}.missed{color:#b03a2e;font-weight:600}.notrun{color:#7a7f8a}" \
+            ".reading{background:#f6f8f1;border-left:3px solid #8bb26a;padding:6px 10px}"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    h = "".join(f'<th class="l">{escape(c)}</th>' for c in head)
+    body = "".join("<tr>" + "".join(f'<td class="l">{c}</td>' for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _verdict(met: bool | None) -> str:
+    if met is None:
+        return '<span class="notrun">not tested</span>'
+    return '<span class="met">met</span>' if met else '<span class="missed">missed</span>'
+
+
+def targets_table(targets: Sequence[Target]) -> str:
+    if not targets:
+        return '<p class="note">No targets for this stage.</p>'
+    return _table(["stage", "target", "value", "met / missed", "source"],
+                  [[escape(t.stage), escape(t.name), escape(t.value), _verdict(t.met), escape(t.source)]
+                   for t in targets])
+
+
+def _reading(text: str) -> str:
+    return f'<p class="reading">{escape(text)}</p>'
+
+
+def _ci(i: Interval, digits: int = 3) -> str:
+    return escape(i.text(digits)) + f" <span class=\"note\">(n = {i.n})</span>"
+
+
+def _share(i: Interval) -> str:
+    """An accuracy (a share, no sign) with its interval."""
+    if i.mean is None:
+        return "–"
+    ci = "" if i.low is None or i.high is None else f" [{i.low:.2f}, {i.high:.2f}]"
+    return f"{i.mean:.2f}{ci} <span class=\"note\">(n = {i.n})</span>"
+
+
+def extraction_section(res: ExtractionResult) -> str:
+    rows = [[escape(v.trait), f"{v.positive_kept}/{v.positive_total}", f"{v.negative_kept}/{v.negative_total}",
+             escape(v.judge), f"{v.threshold:g}", f"<code>{escape(v.path)}</code>", escape(v.digest)]
+            for v in res.vectors.values()]
+    first = next(iter(res.vectors.values()))
+    return (_table(["trait", "positive kept", "negative kept", "judge", "threshold", "vector", "digest"], rows)
+            + _reading(f"Each vector is the mean activation difference between the rollouts under the trait's "
+                       f"positive and negative system prompts that the {first.judge} judge agreed with "
+                       f"({first.trait}: {first.positive_kept} of {first.positive_total} positive and "
+                       f"{first.negative_kept} of {first.negative_total} negative kept), at every layer."))
+
+
+def steering_section(res: SteeringResult, folder: Path) -> str:
+    parts = []
+    for name, t in res.traits.items():
+        h = t.heldout
+        rows = [[f"<b>{escape(name)}</b> (own)", _ci(h.own)]]
+        rows += [[escape(n), _ci(i)] for n, i in h.random.items()]
+        rows += [[f"{escape(n)} (other trait, matched norm)", _ci(i)] for n, i in h.others.items()]
+        parts.append(f"<h3>{escape(name)}: layer {t.layer}, coefficient ±{t.coef:g}</h3>"
+                     f'<p class="note">Chosen on evaluation questions {t.selection_questions} '
+                     f"(rise over coefficient 0 there: {t.selection_change:+.3f}); criterion: {escape(t.criterion)}. "
+                     f"Reported on questions {t.report_questions}, which the choice never saw.</p>"
+                     + _table(["vector at the chosen layer and norm", "held-out rise −c→+c (nats/token) [95% CI]"],
+                              rows))
+        labels = [f"{name} (own)", *h.random, *h.others]
+        ints = [h.own, *h.random.values(), *h.others.values()]
+        parts.append(_img(rise_bars(labels, [i.mean or 0.0 for i in ints], [i.low for i in ints],
+                                    [i.high for i in ints], title=f"{name}: held-out rise (reference measure)",
+                                    ylabel="rise −c→+c (nats/token)"),
+                          f"{name} held-out rises", "Held-out rise per vector with its 95% bootstrap interval over "
+                          "questions; own vector in red, controls in grey."))
+        cells = folder / t.select_dir / "cells.csv"
+        if cells.exists():
+            _, rows_all = read_cells(cells)
+            own = [r for r in rows_all if not r.get("control")]
+            png = metric_vs_coef(own, "trait_mean", "reference measure (nats/token)", chosen=(t.layer, t.coef))
+            if png is not None:
+                parts.append(_img(png, f"{name} sweep", "Selection half: the reference measure against the "
+                                  "coefficient, one line per layer (mean ± standard error); the ring is the choice."))
+        ratio = "no random rise to compare with" if h.ratio_to_random is None else \
+            f"{h.ratio_to_random:.1f} times the largest random direction's"
+        other = "" if h.best_other is None else (
+            f"; the strongest other trait's vector ({h.best_other}) moved them {h.best_other_rise or 0:+.3f}")
+        parts.append(_reading(
+            f"On questions the choice never saw, steering with the {name} vector from −{t.coef:g} to +{t.coef:g} at "
+            f"layer {t.layer} changed how much likelier the model finds authored {name} answers than non-{name} ones "
+            f"by {h.own.text()} nats per token, {ratio}{other}."))
+    return "".join(parts)
+
+
+def _ratio(i: Interval) -> str:
+    if i.mean is None:
+        return "–"
+    ci = "" if i.low is None or i.high is None else f" [{math.exp(i.low):.3f}, {math.exp(i.high):.3f}]"
+    return f"{math.exp(i.mean):.3f}×{ci} <span class=\"note\">(n = {i.n})</span>"
+
+
+def capability_section(res: CapabilityResult) -> str:
+    def gmean(xs: Sequence[float]) -> str:
+        return f"{math.exp(sum(math.log(x) for x in xs) / len(xs)):.2f}" if xs else "–"
+
+    rows = []
+    for name, t in res.traits.items():
+        rows.append([escape(name), f"L{t.layer} +{t.coef:g}", gmean(res.base.perplexity), gmean(t.steered.perplexity),
+                     _ratio(t.log_ppl_change), _share(t.quiz_base), _share(t.quiz_steered), _ci(t.quiz_change, 2)])
+    first = next(iter(res.traits.values()), None)
+    reading = "" if first is None else _reading(
+        f"Steering {first.trait} at its chosen setting multiplies the perplexity of neutral text by "
+        f"{math.exp(first.log_ppl_change.mean or 0):.2f} and changes quiz accuracy by "
+        f"{first.quiz_change.mean or 0:+.2f} (from {first.quiz_base.mean or 0:.2f}).")
+    return (_table(["trait", "setting", "perplexity unsteered (geometric mean over texts)", "steered",
+                    "ratio [95% CI over texts]", "quiz unsteered [CI]", "quiz steered [CI]",
+                    "quiz change (paired) [CI]"], rows) + reading
+            + '<p class="note">MMLU through lm-evaluation-harness is not run in v1.</p>')
+
+
+def monitor_section(res: MonitorResult, folder: Path) -> str:
+    parts = []
+    for name, t in res.traits.items():
+        rows = [["all points", escape(t.r_points.text())], ["level means", escape(t.r_level_means.text())],
+                ["within levels", escape(t.r_within_levels.text())],
+                ["within questions", escape(t.r_within_questions.text())],
+                [f"judge ({escape(t.judge)}) score of the sampled answers, all points", escape(t.r_judge_points.text())]]
+        parts.append(f"<h3>{escape(name)}: projection read at layer {t.layer}</h3>"
+                     + _table(["Pearson r (projection vs reference measure) [95% Fisher-z CI]", "r"], rows)
+                     + f'<p class="note">Highest content-word overlap of a graded prompt with a prompt pair: '
+                       f"{t.overlap.jaccard:.2f} (shared: {escape(', '.join(t.overlap.shared) or 'none')}).</p>")
+        png = folder / t.run_dir / "monitor.png"
+        if png.exists():
+            parts.append(_img(png.read_bytes(), f"{name} monitoring scatter", "Last-prompt-token projection "
+                              "against the trait measures, one point per prompt × question."))
+        within = t.r_within_levels.r
+        parts.append(_reading(
+            f"Before any answer token, the {name} projection tracks the reference measure with r = "
+            f"{t.r_points.text()} over all points, and r = "
+            + ("undefined" if within is None else f"{within:+.2f}")
+            + " within a prompt level, where which prompt was used can no longer explain it."))
+    return "".join(parts)
+
+
+def finetune_section(res: FinetuneResult) -> str:
+    parts = []
+    for name, t in res.traits.items():
+        rows = [["base", "–", "0", "0", "–", f"{t.base.perplexity:.2f}", f"{t.base.quiz:.2f}"]]
+        for s_name in dict.fromkeys(r.set for r in t.runs):  # the settings' order (JSON sorts the dict keys)
+            change, runs = t.change[s_name], [r for r in t.runs if r.set == s_name]
+            shift = sum(r.shift for r in runs) / len(runs)
+            rand = sum(abs(x) for r in runs for x in r.shift_random) / max(1, sum(len(r.shift_random) for r in runs))
+            rows.append([escape(s_name), f"{t.dataset_delta_p[s_name]:+.2f}", _ci(change), f"{shift:+.2f}",
+                         f"{rand:.2f}", f"{sum(r.perplexity for r in runs) / len(runs):.2f}",
+                         f"{sum(r.quiz for r in runs) / len(runs):.2f}"])
+        d = t.ii_minus_normal
+        parts.append(f"<h3>{escape(name)}: shift read at layer {t.layer}</h3>"
+                     + _table(["set", "mean ΔP before training", "reference − base [95% CI over seeds]",
+                               "finetuning shift (mean)", "random directions' mean |shift|", "perplexity", "quiz"],
+                              rows)
+                     + _table(["comparison", "value"],
+                              [["II − normal, paired by seed", "–" if d is None else _ci(d)],
+                               ["(a) r(shift, trait change) over the finetunes", escape(t.r_shift.text())],
+                               ["(b) r(dataset ΔP before training, trait change)", escape(t.r_delta_p.text())]]))
+        parts.append(_reading(
+            f"Finetuning on the authored {name} sets moved the reference measure by "
+            + "; ".join(f"{k} {t.change[k].text()}" for k in dict.fromkeys(r.set for r in t.runs))
+            + " nats per token over the base model"
+            + ("" if d is None else f", and the II set {d.text()} above the normal set, paired by seed") + "."))
+    return "".join(parts) + '<p class="note">Preventative steering, CAFT, the projection penalty and inference-time ' \
+        "steering (the vaccine comparison) are not run in v1.</p>"
+
+
+def screen_section(res: ScreenResult) -> str:
+    parts = []
+    for name, t in res.traits.items():
+        rows = [[escape(lv.set), f"{lv.contamination:.0%}", _ci(lv.delta_p, 2)] for lv in t.levels]
+        parts.append(f"<h3>{escape(name)}: ΔP (fast mode) at layer {t.layer}</h3>"
+                     + _table(["set", "share of II rows screened", "mean ΔP [95% CI over rows]"], rows)
+                     + f"<p>Sample-level ROC AUC, II rows vs normal rows: <b>{t.auc:.3f}</b> "
+                       f"[{t.auc_low:.3f}, {t.auc_high:.3f}] (whole questions resampled).</p>")
+        parts.append(_reading(
+            f"Before any training, the projection difference ranks a random {name} (II) answer above a random "
+            f"normal one {t.auc:.0%} of the time, and the mean ΔP of a set "
+            + ("rises" if t.ordered else "does not rise") + " with every step of its share of II rows."))
+    return "".join(parts) + '<p class="note">The ShareGPT screen (top-flagged real conversations per trait) is ' \
+        "not run in v1.</p>"
+
+
+def _status(record: Mapping[str, Any]) -> str:
+    status = str(record.get("status", "pending"))
+    bits = [f"status <b>{escape(status.replace('_', ' '))}</b>"]
+    if record.get("seconds") is not None:
+        bits.append(f"{record['seconds']:.0f} s")
+    if record.get("attempts"):
+        bits.append(f"{record['attempts']} attempt(s)")
+    text = " · ".join(bits)
+    if record.get("reason"):
+        text += f"<br>{escape(str(record['reason']))}"
+    return f'<p class="meta">{text}</p>'
+
+
+def render_page(folder: Path, settings: ReproduceSettings, manifest: Mapping[str, Any], results: Mapping[str, Any],
+                targets: Sequence[Target]) -> str:
+    flat = flatten(settings)
+    model = manifest.get("model", {})
+    title = f"personavec reproduce — {settings.preset} preset"
+    sections = [f"<h1>{escape(title)}</h1>",
+                f'<p class="meta">model <b>{escape(str(model.get("id")))}</b> · fingerprint '
+                f'<code>{escape(str(model.get("fingerprint")))}</code> · traits {escape(", ".join(settings.traits))} · '
+                f"report {escape(datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC'))}</p>",
+                f'<p class="note">{escape(LAYER_CONVENTION)} The trait measure is the reference measure: the '
+                "likelihood gap (nats per token) between authored answers that express the trait and ones that do "
+                "not, written independently of the prompt pairs that build the vector. Per-item values are in "
+                "&lt;stage&gt;.json beside this page.</p>",
+                "<h2>Targets</h2>" + targets_table(targets)]
+    renderers = {"extract": lambda r: extraction_section(r), "sweep": lambda r: steering_section(r, folder),
+                 "capability": lambda r: capability_section(r), "monitor": lambda r: monitor_section(r, folder),
+                 "finetune": lambda r: finetune_section(r), "screen": lambda r: screen_section(r)}
+    for name, title_ in TITLES.items():
+        record = manifest.get("stages", {}).get(name, {})
+        stage_settings = {k.partition(".")[2]: v for k, v in flat.items() if k.startswith(f"{name}.")}
+        if name == "finetune":
+            stage_settings["data"] = settings.data
+        body = _status(record)
+        result = results.get(name)
+        if name in renderers and result is not None and not isinstance(result, NotRun):
+            body += renderers[name](result)
+        elif isinstance(result, NotRun):
+            body += _reading(f"This stage produced no numbers: {result.reason}.")
+        body += "<h3>Settings</h3>" + _kv_table(stage_settings)
+        body += "<h3>Targets</h3>" + targets_table([t for t in targets if t.stage == name])
+        sections.append(f'<section id="{name}"><h2>{escape(title_)}</h2>{body}</section>')
+    sections.append("<h2>Run</h2><h3>All settings</h3>" + _kv_table(flat)
+                    + ("<h3>Versions</h3>" + _kv_table(manifest["versions"]) if manifest.get("versions") else ""))
+    body = "\n".join(sections)
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+            f"<title>{escape(title)}</title><style>{_CSS}{EXTRA_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def write_page(folder: Path, settings: ReproduceSettings, manifest: Mapping[str, Any], results: Mapping[str, Any],
+               targets: Sequence[Target]) -> Path:
+    """Write folder/report.html atomically and return its path."""
+    out = folder / "report.html"
+    write_text(out, render_page(folder, settings, manifest, results, targets))
+    return out

@@ -1,0 +1,28 @@
+"""Plots of a `reproduce` run, as PNG bytes (matplotlib Figure + Agg canvas, no pyplot state)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from matplotlib.figure import Figure
+
+from .plots import _png
+
+
+def rise_bars(labels: Sequence[str], means: Sequence[float], lows: Sequence[float | None],
+              highs: Sequence[float | None], *, title: str, ylabel: str) -> bytes:
+    """One bar per vector (the trait's own first, highlighted) with its 95% interval as an error bar."""
+    fig = Figure(figsize=(max(4.4, 0.9 * len(labels) + 1.6), 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    colours = ["#c0392b"] + ["#7f8c9a"] * (len(labels) - 1)
+    xs = list(range(len(labels)))
+    ax.bar(xs, means, color=colours)
+    err_lo = [m - lo if lo is not None else 0.0 for m, lo in zip(means, lows, strict=True)]
+    err_hi = [hi - m if hi is not None else 0.0 for m, hi in zip(means, highs, strict=True)]
+    ax.errorbar(xs, means, yerr=[err_lo, err_hi], fmt="none", ecolor="black", capsize=3, linewidth=1)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _png(fig)

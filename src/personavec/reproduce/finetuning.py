@@ -1,0 +1,198 @@
+"""Stage 5: finetuning on authored data the vector never saw (issue 13, plain finetunes; the vaccine comparison
+is not run in v1).
+
+Per trait, before any training: each set's mean ΔP (`personavec.screen.screen`, fast mode, at the sweep's
+layer), the screening prediction. Then per set × seed: a LoRA finetune (`personavec.training.train`) of a
+float32 copy of the model, merged and measured: the reference measure per evaluation question, perplexity and
+quiz accuracy, and the finetuning shift (mean last-prompt activation minus the base model's, on the unit vector
+at the layer) beside the same shift on the random directions (the control). Reported: each set's measure over
+seeds, II − normal paired by seed, and r of (a) the shift and (b) the dataset's ΔP with the trait change over
+the finetunes (t intervals over seeds, bootstrap intervals of r, as the experiment). This is the measurement
+of experiments/finetune_authored.py (`Bench`) as library code."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..capability import neutral_texts, perplexity, quiz_accuracy, quiz_items
+from ..controls import random_like
+from ..errors import PersonavecError
+from ..io import write_text
+from ..models import Model
+from ..progress import Progress, no_progress
+from ..reference import reference_measure
+from ..runs import Records
+from ..screen import screen
+from ..training import TrainSettings, attach_adapter, train
+from ..training.shift import eval_prompts, last_prompt_means, project
+from ..traits import LoadedTrait
+from ..vectors import PersonaVector
+from .context import Context, NotRun
+from .extraction import ExtractionResult
+from .manifest import SKIPPED
+from .records import Correlation, Interval, correlation, t_interval
+from .settings import FinetuneStage
+from .steering import SteeringResult
+
+BASE = "base"
+ADAPTER_DONE = ("adapter_model.safetensors", "train_summary.json")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One model (the base, or one finetune) measured after training."""
+
+    set: str
+    seed: int | None
+    reference: float
+    reference_per_question: list[float]
+    questions: list[int]
+    shift: float
+    shift_random: list[float]
+    perplexity: float
+    quiz: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FinetuneTrait:
+    trait: str
+    layer: int
+    dataset_delta_p: dict[str, float]  # mean ΔP of each set before training (fast mode)
+    base: Measured
+    runs: list[Measured]
+    change: dict[str, Interval]  # per set: reference − base, t interval over seeds
+    ii_minus_normal: Interval | None  # paired by seed, t interval
+    r_shift: Correlation  # (a) over the finetunes, bootstrap interval
+    r_delta_p: Correlation  # (b) over the finetunes, bootstrap interval
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    traits: dict[str, FinetuneTrait]
+
+
+def training_copy(model: Model, float32: bool) -> Model:
+    """A private copy to train from (training injects adapters), in float32 when asked (bf16 LoRA on a CPU
+    barely moves). The whole Model is copied at once, so its `layers` are the copy's blocks, where the capture
+    hooks must go."""
+    copied = copy.deepcopy(dataclasses.replace(model, extra={}))
+    if float32:
+        copied.hf.float()
+    return copied
+
+
+def rows_of(data: Path, out: Path, max_rows: int | None) -> Path:
+    """The set to train on: `data` itself, or its first `max_rows` rows copied into the run folder."""
+    if max_rows is None:
+        return data
+    lines = [ln for ln in data.read_text(encoding="utf-8").split("\n") if ln.strip()][:max_rows]
+    target = out / data.name
+    if not target.exists():
+        write_text(target, "\n".join(lines) + "\n")
+    return target
+
+
+class Bench:
+    """The base model (a private training copy), one trait's vector at a layer and what every finetune is
+    compared with. Needs no run folder: experiments can use it as it is."""
+
+    def __init__(self, model: Model, trait: LoadedTrait, vec: PersonaVector, layer: int, *,
+                 random_seeds: Sequence[int] = (0, 1, 2), n_questions: int | None = None,
+                 n_texts: int | None = None, n_quiz: int | None = None, float32: bool = True,
+                 progress: Progress = no_progress) -> None:
+        self.trait, self.vec, self.layer, self.progress = trait, vec, layer, progress
+        self.n_texts, self.n_quiz = n_texts, n_quiz
+        self.base = training_copy(model, float32)
+        self.randoms = [random_like(vec, s) for s in random_seeds]
+        self.questions = list(range(len(trait.trait.evaluation_questions)))[:n_questions]
+        self.prompts = eval_prompts(self.base, trait, n_questions)
+        self.base_means = last_prompt_means(self.base, self.prompts)
+
+    def measure(self, model: Model, name: str, seed: int | None, started: float) -> Measured:
+        ref = reference_measure(model, self.trait.trait, self.questions)
+        if ref.mean is None:
+            raise PersonavecError(f"no reference answer of trait '{self.trait.trait.name}' could be scored")
+        means = last_prompt_means(model, self.prompts)
+        return Measured(
+            set=name, seed=seed, reference=ref.mean, reference_per_question=ref.gaps,
+            questions=[g.question_idx for g in ref.questions],
+            shift=float(project(means, self.base_means, self.vec)[self.layer] or 0.0),
+            shift_random=[float(project(means, self.base_means, r)[self.layer] or 0.0) for r in self.randoms],
+            perplexity=perplexity(model, neutral_texts()[: self.n_texts]),
+            quiz=quiz_accuracy(model, quiz_items()[: self.n_quiz]), seconds=round(time.time() - started, 1))
+
+    def finetune(self, data: Path, out: Path, settings: TrainSettings) -> Model:
+        """Train (or resume, or reuse a finished adapter in `out`) and return the merged model."""
+        if not all((out / name).exists() for name in ADAPTER_DONE):
+            train(copy.deepcopy(self.base), data, out, settings, allow_mismatch=True, progress=self.progress)
+        return attach_adapter(copy.deepcopy(self.base), out, merge=True, allow_mismatch=True)
+
+
+def train_settings(f: FinetuneStage, seed: int) -> TrainSettings:
+    return TrainSettings(rank=f.rank, alpha=f.alpha, rslora=True, lr=f.lr, epochs=f.epochs, batch_size=f.batch_size,
+                         max_length=f.max_length, max_steps=f.max_steps, save_steps=1000, seed=seed)
+
+
+def _measured(row: dict[str, Any]) -> Measured:
+    return Measured(**{f.name: row[f.name] for f in dataclasses.fields(Measured)})
+
+
+def summarize(name: str, layer: int, dps: dict[str, float], base: Measured, runs: Sequence[Measured]
+              ) -> FinetuneTrait:
+    """Change over the base per set, II − normal paired by seed, and the (a) / (b) correlations."""
+    sets = list(dict.fromkeys(r.set for r in runs))
+    change = {s: t_interval([r.reference - base.reference for r in runs if r.set == s]) for s in sets}
+    by = {(r.set, r.seed): r.reference for r in runs}
+    paired = [by[("II", s)] - by[("normal", s)] for (n, s) in by if n == "II" and ("normal", s) in by]
+    delta = [r.reference - base.reference for r in runs]
+    return FinetuneTrait(
+        trait=name, layer=layer, dataset_delta_p=dps, base=base, runs=list(runs), change=change,
+        ii_minus_normal=t_interval(paired) if paired else None,
+        r_shift=correlation([r.shift for r in runs], delta, bootstrap=True),
+        r_delta_p=correlation([dps[r.set] for r in runs], delta, bootstrap=True))
+
+
+def run_finetuning(ctx: Context) -> FinetuneResult | NotRun:
+    f, data = ctx.settings.finetune, ctx.settings.data
+    if data is None:
+        return NotRun(SKIPPED, "no --data folder of authored finetuning sets (<trait>/<set>.jsonl; "
+                               "experiments/data/finetune_authored is not in the wheel)")
+    missing = [f"{t}/{s}.jsonl" for t in ctx.traits for s in f.sets if not (Path(data) / t / f"{s}.jsonl").is_file()]
+    if missing:
+        return NotRun(SKIPPED, f"--data {data} lacks {', '.join(missing[:3])}")
+    vectors = ctx.result("extract", ExtractionResult)
+    steering = ctx.result("sweep", SteeringResult)
+    out = {}
+    for name in ctx.traits:
+        layer = steering.traits[name].layer
+        vec = PersonaVector.load(vectors.path(ctx.folder, name))
+        work = ctx.stage_dir("finetune", name)
+        work.mkdir(parents=True, exist_ok=True)
+        sets = {s: rows_of(Path(data) / name / f"{s}.jsonl", work, f.max_rows) for s in f.sets}
+        dps = {s: float(screen(ctx.model, p, [vec], work / f"{s}.dp.csv", fast=True, layer=layer, histograms=False,
+                               cache=work / "base-answers.sqlite", progress=ctx.progress).summary["traits"][vec.trait]["delta_p"]["mean"])
+               for s, p in sets.items()}
+        bench = Bench(ctx.model, ctx.traits[name], vec, layer, random_seeds=ctx.settings.sweep.random_seeds,
+                      n_questions=f.n_questions, n_texts=ctx.settings.capability.n_texts,
+                      n_quiz=ctx.settings.capability.n_quiz, float32=f.float32, progress=ctx.progress)
+        done = Records(work / "runs.jsonl")
+        if BASE not in done:
+            m = bench.measure(bench.base, BASE, None, time.time())
+            done.add([{"key": BASE, **dataclasses.asdict(m)}])
+        for s, path in sets.items():
+            for seed in f.seeds:
+                key = f"{s}:{seed}"
+                if key not in done:
+                    t0 = time.time()
+                    model = bench.finetune(path, work / f"{s}_s{seed}", train_settings(f, seed))
+                    done.add([{"key": key, **dataclasses.asdict(bench.measure(model, s, seed, t0))}])
+        runs = [_measured(done[f"{s}:{seed}"]) for s in f.sets for seed in f.seeds]
+        out[name] = summarize(name, layer, dps, _measured(done[BASE]), runs)
+    return FinetuneResult(out)

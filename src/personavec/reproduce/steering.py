@@ -1,0 +1,143 @@
+"""Stage 2: the layer × coefficient sweep with the reference measure and its controls.
+
+Choose on the first half of the evaluation questions (`personavec.sweep.sweep`, its `choose` rule: the largest
+rise over the unsteered model among cells whose fluency holds), then report on the second half, which the
+choice never saw: at the chosen layer and coefficient c, the per-question rise of the reference measure from
+−c to +c for the trait's own vector, for seeded random directions and for every other trait's vector (both at
+the own vector's per-layer norm), with 95% bootstrap intervals over questions. `heldout` holds the statistics
+of experiments/steering_reference.py (issue 12's targets) as a library function."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..controls import matched_norm, random_like
+from ..evaluate import Condition, EvalSettings, evaluate, question_indices
+from ..io import read_jsonl
+from ..reference import NAME as REFERENCE
+from ..sweep import sweep
+from ..vectors import PersonaVector
+from .context import Context
+from .extraction import ExtractionResult
+from .records import Interval, interval
+
+OWN = "own"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out rises and the two tests a trait direction has to pass."""
+
+    own: Interval
+    random: dict[str, Interval]
+    others: dict[str, Interval]
+    max_abs_random: float
+    ratio_to_random: float | None  # own mean rise ÷ the largest |mean rise| of the random directions
+    best_other: str | None
+    best_other_rise: float | None
+    interval_above_zero: bool
+    beats_random: bool  # own mean rise ≥ k × the largest random |rise|
+    beats_others: bool | None  # None with one trait: nothing to compare with
+
+
+def heldout(own: Sequence[float], randoms: Mapping[str, Sequence[float]], others: Mapping[str, Sequence[float]],
+            k: float = 3.0) -> HeldOut:
+    """Issue 12's steering statistics from per-question rises (same questions, same order everywhere)."""
+    own_i = interval(own)
+    rand = {n: interval(v) for n, v in randoms.items()}
+    oth = {n: interval(v) for n, v in others.items()}
+    max_random = max((abs(i.mean) for i in rand.values() if i.mean is not None), default=0.0)
+    own_mean = own_i.mean if own_i.mean is not None else float("nan")
+    def rise_of(n: str) -> float:
+        m = oth[n].mean
+        return m if m is not None else float("-inf")
+
+    best = max(oth, key=rise_of, default=None)
+    best_rise = oth[best].mean if best is not None else None
+    return HeldOut(own=own_i, random=rand, others=oth, max_abs_random=max_random,
+                   ratio_to_random=own_mean / max_random if max_random > 0 else None,
+                   best_other=best, best_other_rise=best_rise, interval_above_zero=own_i.above_zero,
+                   beats_random=bool(own_mean >= k * max_random),
+                   beats_others=None if best_rise is None else bool(own_mean > best_rise))
+
+
+@dataclass(frozen=True)
+class SteeringTrait:
+    trait: str
+    layer: int
+    coef: float
+    criterion: str
+    selection_change: float  # the chosen cell's rise over coefficient 0 on the selection half
+    selection_questions: list[int]
+    report_questions: list[int]
+    heldout: HeldOut
+    rises: dict[str, list[float]]  # per report question: own, each random direction, each other trait
+    select_dir: str  # run folders (relative to the run folder): cells.csv, measure.jsonl, answers.jsonl
+    report_dir: str
+
+
+@dataclass(frozen=True)
+class SteeringResult:
+    traits: dict[str, SteeringTrait]
+
+
+def per_question(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{cell: {question index: reference gap}} from an evaluation run folder's measure.jsonl."""
+    out: dict[str, dict[int, float]] = {}
+    for row in read_jsonl(run_dir / "measure.jsonl"):
+        if row.get("value") is not None:
+            out.setdefault(row["cell"], {})[int(row["question_idx"])] = float(row["value"])
+    return out
+
+
+def rises(cells: Mapping[str, Mapping[int, float]], layer: int, coef: float, control: str | None = None
+          ) -> list[float]:
+    """Per-question rise from −coef to +coef at `layer` (for a control's cells when named)."""
+    def key(c: float) -> str:
+        cell = Condition(layer, c).cell
+        return cell if control is None else f"{control}:{cell}"
+
+    up, down = cells[key(coef)], cells[key(-coef)]
+    return [up[q] - down[q] for q in sorted(up) if q in down]
+
+
+def run_steering(ctx: Context) -> SteeringResult:
+    vectors = ctx.result("extract", ExtractionResult)
+    loaded_vectors = {n: PersonaVector.load(vectors.path(ctx.folder, n)) for n in ctx.traits}
+    return SteeringResult({n: steer_trait(ctx, n, loaded_vectors) for n in ctx.traits})
+
+
+def steer_trait(ctx: Context, name: str, vectors: Mapping[str, PersonaVector]) -> SteeringTrait:
+    s, w = ctx.settings, ctx.settings.sweep
+    vec, loaded = vectors[name], ctx.traits[name]
+    randoms = {f"random{seed}": random_like(vec, seed) for seed in w.random_seeds}
+    others = {o: matched_norm(v, vec) for o, v in vectors.items() if o != name}
+    controls = {**randoms, **others}
+
+    def settings(half: str, n: int | None) -> EvalSettings:
+        return EvalSettings(n_questions=n, rollouts=1, max_new_tokens=w.max_new_tokens, temperature=0.0,
+                            seed=s.seed, half=half)
+
+    select_dir, report_dir = ctx.stage_dir("sweep", name) / "select", ctx.stage_dir("sweep", name) / "report"
+    choice = sweep(ctx.model, loaded, vec, layers=w.layers, coefs=list(w.coefs), judge=REFERENCE,
+                   settings=settings("first", w.n_select), run_dir=select_dir, coherence_min=w.coherence_min,
+                   controls=controls if w.selection_controls else None, engine=ctx.engine, progress=ctx.progress)
+    layer, coef = int(choice["best_layer"]), float(choice["best_coef"])
+    evaluate(ctx.model, loaded, vector=vec, judge=REFERENCE, settings=settings("second", w.n_report),
+             conditions=[Condition(layer, -coef), Condition(None, 0.0), Condition(layer, coef)],
+             run_dir=report_dir, kind="reproduce-heldout", controls=controls, engine=ctx.engine, progress=ctx.progress,
+             extra_settings={"layer": layer, "coef": coef})
+    cells = per_question(report_dir)
+    table = {OWN: rises(cells, layer, coef), **{n: rises(cells, layer, coef, n) for n in controls}}
+    n_eval = len(loaded.trait.evaluation_questions)
+    return SteeringTrait(
+        trait=name, layer=layer, coef=coef, criterion=str(choice["criterion"]),
+        selection_change=float(choice["trait_change"]),
+        selection_questions=question_indices(n_eval, "first", w.n_select),
+        report_questions=question_indices(n_eval, "second", w.n_report),
+        heldout=heldout(table[OWN], {n: table[n] for n in randoms}, {n: table[n] for n in others},
+                        w.rise_vs_random),
+        rises=table, select_dir=str(select_dir.relative_to(ctx.folder)),
+        report_dir=str(report_dir.relative_to(ctx.folder)))

@@ -1,0 +1,112 @@
+"""The targets table: each claim the stages test, its value and whether it was met (None: not run)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .capability import CapabilityResult
+from .context import NotRun
+from .finetuning import FinetuneResult
+from .monitoring import MonitorResult
+from .records import Target
+from .screening import ScreenResult
+from .settings import ReproduceSettings
+from .steering import SteeringResult
+
+ISSUE12 = "issue 12"
+ISSUE13 = "issue 13"
+VACCINE_CLAIM = "(c) preventative steering removes ≥ 50% at ≤ 5% perplexity cost"
+SHAREGPT_CLAIM = "(d) top-500 > random-500 after finetuning for ≥ 2 of 3 traits"
+
+
+def steering_targets(res: SteeringResult, k: float) -> list[Target]:
+    out = []
+    for name, t in res.traits.items():
+        h = t.heldout
+        out.append(Target("sweep", f"{name}: held-out rise −c→+c has a 95% interval above 0", h.own.text(), h.interval_above_zero,
+                          ISSUE12))
+        ratio = "–" if h.ratio_to_random is None else f"{h.ratio_to_random:.1f}×"
+        out.append(Target("sweep", f"{name}: rise ≥ {k:g}× the largest random direction's |rise|",
+                          f"{ratio} (random max {h.max_abs_random:.3f})", h.beats_random, ISSUE12))
+        if h.beats_others is not None and h.best_other_rise is not None:
+            out.append(Target("sweep", f"{name}: own vector moves its references more than every other trait's",
+                              f"own {h.own.mean or 0:+.3f}, best other {h.best_other} {h.best_other_rise:+.3f}",
+                              h.beats_others, ISSUE12))
+    return out
+
+
+def capability_targets(res: CapabilityResult, ppl_max: float) -> list[Target]:
+    out = []
+    for name, t in res.traits.items():
+        c = t.log_ppl_change
+        ratio = t.ppl_ratio
+        hi = "" if c.high is None or c.low is None else f" [{math.exp(c.low):.2f}, {math.exp(c.high):.2f}]"
+        out.append(Target("capability", f"{name}: perplexity at L{t.layer} +{t.coef:g} ≤ {ppl_max:g}× unsteered",
+                          "–" if ratio is None else f"{ratio:.2f}×{hi}", None if ratio is None else ratio <= ppl_max,
+                          "preset bound"))
+    return out
+
+
+def monitor_targets(res: MonitorResult, r_min: float) -> list[Target]:
+    return [Target("monitor", f"{name}: r(last-prompt projection, reference measure) ≥ {r_min:g} over all points",
+                   t.r_points.text(), None if t.r_points.r is None else t.r_points.r >= r_min, ISSUE12)
+            for name, t in res.traits.items()]
+
+
+def not_run_targets(stage: str, names: list[str], why: NotRun) -> list[Target]:
+    return [Target(stage, n, f"{why.status.replace('_', ' ')} (the {stage} section says why)", None, ISSUE13)
+            for n in names]
+
+
+def finetune_targets(res: FinetuneResult, r_shift: float, r_dp: float) -> list[Target]:
+    out = []
+    for name, t in res.traits.items():
+        d = t.ii_minus_normal
+        out.append(Target("finetune", f"{name}: II finetune above the normal one (paired by seed, interval above 0)",
+                          "– (needs the normal and II sets)" if d is None else f"{d.text()} (n = {d.n} seeds)", None if d is None
+                          else d.above_zero, ISSUE13))
+        for label, r, goal in (("(a) finetuning shift", t.r_shift, r_shift),
+                               ("(b) dataset ΔP before training", t.r_delta_p, r_dp)):
+            out.append(Target("finetune", f"{name}: {label} vs trait change: r ≥ {goal:g}", r.text(),
+                              None if r.r is None else r.r >= goal, ISSUE13))
+    out.append(Target("finetune", VACCINE_CLAIM, "not run in v1: the vaccine comparison is still "
+                      "experiments/finetune_authored.py --vaccine", None, ISSUE13))
+    return out
+
+
+def screen_targets(res: ScreenResult, auc_min: float) -> list[Target]:
+    out = []
+    for name, t in res.traits.items():
+        out.append(Target("screen", f"{name}: sample-level ΔP AUC, II rows vs normal rows, ≥ {auc_min:g}",
+                          f"{t.auc:.3f} [{t.auc_low:.3f}, {t.auc_high:.3f}]", t.auc >= auc_min, "issues 6, 12"))
+        means = ", ".join(f"{lv.contamination:.0%}: {lv.delta_p.mean or 0:+.2f}" for lv in t.levels)
+        out.append(Target("screen", f"{name}: mean ΔP rises with every step of contamination", means, t.ordered,
+                          "issue 6"))
+    out.append(Target("screen", SHAREGPT_CLAIM, "not run in v1: the ShareGPT screen is still "
+                      "experiments/sharegpt_screen.py", None, ISSUE13))
+    return out
+
+
+FINETUNE_CLAIMS = ["(a) finetuning shift vs trait change: r ≥ 0.8", "(b) dataset ΔP before training vs trait "
+                   "after: r ≥ 0.7", "evil II above normal (interval above 0)", VACCINE_CLAIM]
+SCREEN_CLAIMS = ["ΔP AUC, II rows vs normal rows", "ΔP orders contamination levels", SHAREGPT_CLAIM]
+
+
+def all_targets(settings: ReproduceSettings, results: dict[str, Any]) -> list[Target]:
+    out: list[Target] = []
+    if isinstance(r := results.get("sweep"), SteeringResult):
+        out += steering_targets(r, settings.sweep.rise_vs_random)
+    if isinstance(r := results.get("capability"), CapabilityResult):
+        out += capability_targets(r, settings.capability.ppl_ratio_max)
+    if isinstance(r := results.get("monitor"), MonitorResult):
+        out += monitor_targets(r, settings.monitor.r_target)
+    if isinstance(r := results.get("finetune"), FinetuneResult):
+        out += finetune_targets(r, settings.finetune.r_shift_target, settings.finetune.r_delta_p_target)
+    if isinstance(r := results.get("finetune"), NotRun):
+        out += not_run_targets("finetune", FINETUNE_CLAIMS, r)
+    if isinstance(r := results.get("screen"), ScreenResult):
+        out += screen_targets(r, settings.screen.auc_target)
+    if isinstance(r := results.get("screen"), NotRun):
+        out += not_run_targets("screen", SCREEN_CLAIMS, r)
+    return out

@@ -1,0 +1,145 @@
+"""`personavec reproduce`: the smoke preset end to end on the embedded model (in-process, with two one-step
+finetunes on 16 authored rows), interrupted once and resumed without redoing finished stages, rerun with
+nothing to do, its report and manifest complete; the settings and their one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Cli, assert_user_error
+
+import personavec as pv
+from personavec.io import read_jsonl
+from personavec.reproduce import STAGES, flatten, preset, reproduce, with_overrides
+from personavec.reproduce import pipeline as pipeline_mod
+from personavec.reproduce.context import Context
+from personavec.reproduce.steering import heldout
+
+SECTIONS = ("extract", "sweep", "capability", "monitor", "finetune", "screen")
+#: The authored finetuning sets (in the repository, not in the wheel): the smoke preset trains on 16 rows of each.
+DATA = Path(__file__).resolve().parents[1] / "experiments" / "data" / "finetune_authored"
+
+
+def test_overrides_are_typed_and_checked() -> None:
+    s = with_overrides(preset("cpu"), ["sweep.layers=10,14", "sweep.coefs=1.5", "monitor.n_questions=none",
+                                       "sweep.selection_controls=true", "traits=evil"])
+    assert s.sweep.layers == (10, 14) and s.sweep.coefs == (1.5,) and s.monitor.n_questions is None
+    assert s.sweep.selection_controls is True and s.traits == ("evil",)
+    assert preset("cpu").sweep.layers == (10, 14, 18, 22)  # the preset itself is untouched
+    for bad, needle in (("sweep.nope=1", "unknown setting 'sweep.nope'"), ("sweep.layers=x", "expected int"),
+                        ("preset=paper", "unknown setting 'preset'"), ("seed", "key=value")):
+        with pytest.raises(pv.PersonavecError, match=needle):
+            with_overrides(preset("smoke"), [bad])
+    with pytest.raises(pv.PersonavecError, match="needs a judge"):
+        preset("paper").validate()
+    with_overrides(preset("paper"), ["judge=openai:gpt-4.1-mini"]).validate()
+
+
+def test_heldout_statistics() -> None:
+    """Issue 12's two steering tests on hand-made rises: interval above 0 and ≥ 3× random; beats others."""
+    h = heldout([1.0, 1.2, 0.8, 1.1], {"random0": [0.1, -0.1, 0.2, 0.0], "random1": [-0.3, -0.2, -0.2, -0.3]},
+                {"other": [0.9, 1.3, 1.0, 1.2]})
+    assert h.interval_above_zero and h.max_abs_random == pytest.approx(0.25)
+    assert h.ratio_to_random == pytest.approx(1.025 / 0.25) and h.beats_random
+    assert h.best_other == "other" and h.beats_others is False  # 1.1 > 1.025
+    one = heldout([0.1, -0.1, 0.05], {"random0": [0.1, 0.1, 0.1]}, {})
+    assert not one.interval_above_zero and not one.beats_random and one.beats_others is None
+
+
+def test_cli_refuses_bad_settings_in_one_line(cli: Cli, tmp_path: Path) -> None:
+    out = str(tmp_path / "run")
+    assert_user_error(cli("reproduce", "--preset", "nope", "--out", out, ok=False), "unknown preset 'nope'")
+    assert_user_error(cli("reproduce", "--preset", "smoke", "--set", "sweep.bogus=1", "--out", out, ok=False),
+                      "unknown setting 'sweep.bogus'")
+    assert_user_error(cli("reproduce", "--preset", "paper", "--out", out, ok=False), "needs a judge")
+    assert_user_error(cli("reproduce", "--preset", "smoke", ok=False), "--out is required")
+    assert not Path(out).exists()
+    shown = cli("reproduce", "--show-preset", "paper", "--set", "sweep.coefs=0.5,2.5")
+    keys = [line.split(" = ")[0] for line in shown.stdout.splitlines()]
+    assert keys == list(flatten(preset("paper")))
+    assert "sweep.coefs = 0.5,2.5" in shown.stdout and "finetune.lr = 1e-05" in shown.stdout
+
+
+@pytest.mark.slow
+def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "smoke"
+    if not (DATA / "evil" / "II.jsonl").is_file():
+        pytest.skip("the authored finetuning sets are not in this checkout")
+    settings = with_overrides(preset("smoke"), [f"data={DATA}"])
+    real_monitor = STAGES["monitor"]
+    calls = {"monitor": 0}
+
+    def interrupted_once(ctx: Context) -> Any:
+        calls["monitor"] += 1
+        if calls["monitor"] == 1:
+            raise RuntimeError("interrupted on purpose")
+        return real_monitor(ctx)
+
+    monkeypatch.setitem(pipeline_mod.STAGES, "monitor", interrupted_once)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        reproduce(model, settings, out)
+    first = json.loads((out / "manifest.json").read_text())["stages"]
+    assert [first[s]["status"] for s in SECTIONS] == ["done", "done", "done", "failed", "pending", "pending"]
+    assert "interrupted on purpose" in first["monitor"]["reason"]
+
+    resumed = reproduce(model, settings, out)  # the monitor stage runs again; nothing before it does
+    assert resumed.ran == ["monitor", "finetune", "screen"] and calls["monitor"] == 2
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    for name in ("extract", "sweep", "capability"):
+        assert stages[name] == first[name]  # same attempt count and timings: not redone
+    assert stages["monitor"]["status"] == "done" and stages["monitor"]["attempts"] == 2
+    assert stages["finetune"]["status"] == "done"
+    assert stages["screen"]["status"] == "done"
+
+    # per-item values beside the report, consistent with the library's own run folders
+    sweep = json.loads((out / "sweep.json").read_text())["traits"]["evil"]
+    assert len(sweep["rises"]["own"]) == settings.sweep.n_report == len(sweep["report_questions"])
+    assert set(sweep["report_questions"]).isdisjoint(sweep["selection_questions"])
+    rows = read_jsonl(out / sweep["report_dir"] / "measure.jsonl")
+    cell = {(r["cell"], r["question_idx"]): r["value"] for r in rows}
+    c, layer = sweep["coef"], sweep["layer"]
+    own = [cell[(f"L{layer}_c{c:+g}", q)] - cell[(f"L{layer}_c{-c:+g}", q)] for q in sweep["report_questions"]]
+    assert sweep["heldout"]["own"]["mean"] == pytest.approx(sum(own) / len(own))
+    assert set(sweep["rises"]) == {"own", "random0"}
+    cap = json.loads((out / "capability.json").read_text())
+    assert len(cap["base"]["perplexity"]) == settings.capability.n_texts
+    assert len(cap["base"]["quiz"]) == settings.capability.n_quiz
+    mon = json.loads((out / "monitor.json").read_text())["traits"]["evil"]
+    assert len(mon["points"]) == 8 * (settings.monitor.n_questions or 0)  # 8 graded prompts × questions
+    assert mon["layer"] == layer
+    ft = json.loads((out / "finetune.json").read_text())["traits"]["evil"]
+    assert [(r["set"], r["seed"]) for r in ft["runs"]] == [("normal", 0), ("II", 0)]
+    assert ft["base"]["shift"] == 0 and all(r["shift"] != 0 for r in ft["runs"])  # training moved the model
+    assert all(len(r["reference_per_question"]) == settings.finetune.n_questions for r in ft["runs"])
+    assert set(ft["dataset_delta_p"]) == {"normal", "II"}
+    sc = json.loads((out / "screen.json").read_text())["traits"]["evil"]
+    shares = {lv["set"]: lv["contamination"] for lv in sc["levels"]}
+    assert shares["normal"] == 0 and shares["II"] == 1 and list(shares.values()) == sorted(shares.values())
+    assert all(len(lv["values"]) == settings.finetune.max_rows for lv in sc["levels"])
+    normal_dp = next(lv["values"] for lv in sc["levels"] if lv["set"] == "normal")
+    ii_dp = next(lv["values"] for lv in sc["levels"] if lv["set"] == "II")
+    assert sc["auc"] == pytest.approx(sum((a > b) + 0.5 * (a == b) for a in ii_dp for b in normal_dp)
+                                      / (len(ii_dp) * len(normal_dp)))
+
+    page = (out / "report.html").read_text()
+    for name in SECTIONS:
+        assert f'<section id="{name}">' in page
+    assert page.count("<h3>Targets</h3>") == len(SECTIONS) and "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    targets = json.loads((out / "targets.json").read_text())
+    assert {t["stage"] for t in targets} == {"sweep", "capability", "monitor", "finetune", "screen"}
+    for stage in ("finetune", "screen"):  # the vaccine and ShareGPT parts are not run, and say so
+        assert [t["met"] for t in targets if t["stage"] == stage and "not run in v1" in t["value"]] == [None]
+    assert all(isinstance(t["met"], bool) for t in targets if t["stage"] in ("sweep", "capability"))
+
+    # the command line on the finished folder: nothing to redo; other settings are refused, not mixed
+    monkeypatch.setitem(pipeline_mod.STAGES, "monitor", real_monitor)
+    res = cli("reproduce", "--preset", "smoke", "--data", str(DATA), "--out", str(out), "--json")
+    assert json.loads(res.stdout)["ran"] == []
+    assert json.loads((out / "manifest.json").read_text())["stages"] == stages
+    assert_user_error(cli("reproduce", "--preset", "smoke", "--data", str(DATA), "--set", "sweep.n_report=4",
+                          "--out", str(out), ok=False), "belongs to another reproduce")
