@@ -27,7 +27,7 @@ from .errors import PersonavecError
 from .generation import generate
 from .io import atomic_path, read_jsonl
 from .progress import Progress, no_progress
-from .runs import open_run
+from .runs import chunk_seed, open_run
 from .traits import LoadedTrait, load_trait
 from .traits.schema import normalize_question
 
@@ -127,19 +127,21 @@ def elicit(model: Model, trait: str | Path | LoadedTrait, out: str | Path, *,
             if path.exists():  # finished earlier: resume
                 continue
             systems = prompts[level]
+            # each level samples with the seed of its place in this order, as every resumable loop does
             rows = (_mixed_level1(folder, len(plan), s.seed) if systems is None else
-                    _answer_level(model, eng, questions, plan, systems, s, 7919 * n, level, progress))
+                    _answer_level(model, eng, questions, plan, systems, s, chunk_seed(s.seed, n), level,
+                                  progress))
             _write(path, rows)
     return {lv: paths[lv] for lv in levels}
 
 
 def _answer_level(model: Model, engine: Engine, questions: list[str], plan: list[tuple[int, int]],
-                  systems: list[str], s: ElicitSettings, seed_offset: int, level: str,
+                  systems: list[str], s: ElicitSettings, seed: int, level: str,
                   progress: Progress) -> list[dict[str, Any]]:
     """One level's rows: every (question, slot) answered under the slot's system prompt."""
     convs = [messages_for(questions[q], systems[(slot // s.rollouts) % len(systems)]) for q, slot in plan]
     texts = generate(model, convs, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                     seed=s.seed + seed_offset, batch_size=s.batch_size, progress=progress, task=level, engine=engine)
+                     seed=seed, batch_size=s.batch_size, progress=progress, task=level, engine=engine)
     return _rows(questions, plan, texts)
 
 

@@ -1,9 +1,11 @@
 """Statistics used across the measures and experiments, in one home: means (with standard error, with a t
 interval), bootstrap intervals over items, Pearson's r (with Fisher-z or bootstrap intervals), Spearman's rho
-with ties, and the ROC AUC with a clustered bootstrap interval. scipy does the distribution work."""
+with ties, the ROC AUC with a clustered bootstrap interval, and the balanced accuracy of a threshold rule (with
+the best such threshold). scipy does the distribution work."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from statistics import NormalDist
@@ -155,3 +157,25 @@ def auc_ci(score: np.ndarray, y: np.ndarray, cluster: np.ndarray, *, reps: int =
     tail = (100 - 100 * level) / 2  # 2.5 exactly for 0.95
     low, high = np.percentile(stats, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def balanced_accuracy(values: Sequence[float], labels: Sequence[bool], threshold: float) -> float | None:
+    """Mean of the true-positive and true-negative rates of the rule `value ≥ threshold`."""
+    pos = [v for v, lab in zip(values, labels, strict=True) if lab]
+    neg = [v for v, lab in zip(values, labels, strict=True) if not lab]
+    if not pos or not neg:
+        return None
+    return 0.5 * (sum(v >= threshold for v in pos) / len(pos) + sum(v < threshold for v in neg) / len(neg))
+
+
+def best_threshold(values: Sequence[float], labels: Sequence[bool]) -> tuple[float | None, float | None]:
+    """The cut `value ≥ t` with the best balanced accuracy (midpoints between sorted values; the middle
+    one of equally good cuts), or (None, None) when only one class is present."""
+    if len(set(labels)) < 2:
+        return None, None
+    xs = sorted(set(values))
+    cuts = [xs[0] - 1.0] + [(a + b) / 2 for a, b in itertools.pairwise(xs)] + [xs[-1] + 1.0]
+    scored = [(balanced_accuracy(values, labels, t) or 0.0, t) for t in cuts]
+    top = max(s for s, _ in scored)
+    best = [t for s, t in scored if s >= top - 1e-12]
+    return best[len(best) // 2], top
