@@ -1,7 +1,7 @@
 """`--json` on every command that prints a result: stdout is exactly one JSON document built from the
 command's result (progress and notes go to stderr), `-q` silences progress, and `trait` still spells the
-`traits` group. In-process through CliRunner, on the session's embedded model (the loader is pointed at it);
-tiny budgets (one question, a few tokens)."""
+`traits` group. In-process through conftest's `cli` (the console script's entry run by click's test runner, on
+the session's embedded models); tiny budgets (one question, a few tokens)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +16,11 @@ import pytest
 import torch
 import yaml
 from click.testing import Result
-from typer.testing import CliRunner
+from conftest import Cli as Invoke
+from conftest import largest_rise
 
 import personavec as pv
-import personavec.models
-from personavec.cli import app
 from personavec.traits import load_trait
-
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture(scope="module")
-def cli(model: pv.Model) -> Iterator[Invoke]:
-    """`cli(*args)` runs the command line in-process; a command that loads the default model (no --model, no
-    --dtype) gets the session's model instead of loading it again."""
-    original = personavec.models.load_model
-
-    def load_model(spec: Any = None, **kwargs: Any) -> Any:
-        if spec is None and kwargs.get("dtype") is None and not kwargs.get("device_map"):
-            return model
-        return original(spec, **kwargs)
-
-    runner = CliRunner(env={"COLUMNS": "200", "HF_HUB_OFFLINE": "1"})
-
-    def invoke(*args: str, ok: bool = True) -> Result:
-        res = runner.invoke(app, list(args))
-        if ok:
-            assert res.exit_code == 0, (res.output, res.exception)
-        return res
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(personavec.models, "load_model", load_model)
-        yield invoke
 
 
 def doc(res: Result) -> Any:
@@ -175,7 +147,10 @@ def test_eval_sweep_and_report(cli: Invoke, vec_file: Path, folder: Path) -> Non
     sw = doc(cli("sweep", "--vector", str(vec_file), "--trait", "evil", "--out", str(folder / "sweep"),
                  "--layers", "8,12", "--coefs", "0,4", "--n-questions", "1", "--max-new-tokens", "4",
                  "--no-update-vector", "--json"))
-    assert sw["choice"]["best_layer"] in (8, 12) and sw["vector_updated"] is False
+    # which layer wins, recomputed from the cells: the larger rise of the trait measure over coefficient 0
+    best, rise = largest_rise(sw["cells"])
+    assert sw["choice"]["best_layer"] == best["layer"] and sw["choice"]["best_coef"] == best["coef"] == 4.0
+    assert sw["choice"]["trait_change"] == pytest.approx(rise, abs=1e-5) and sw["vector_updated"] is False
     assert {(c["layer"], c["coef"]) for c in sw["cells"] if c["coef"] != 0} == {(8, 4.0), (12, 4.0)}
 
 

@@ -19,7 +19,7 @@ def test_vector_shape_and_provenance(model: pv.Model, evil_run) -> None:
     vec, run = evil_run
     assert set(vec.tensors) == {"response", "prompt", "last_prompt"}
     for t in vec.tensors.values():
-        assert tuple(t.shape) == (31, 576)
+        assert tuple(t.shape) == (model.n_layers + 1, model.hidden_size)
     meta = vec.meta
     assert meta["fingerprint"] == model.fingerprint and meta["trait"] == "evil"
     assert meta["trait_sha256"] == pv.load_trait("evil").sha256

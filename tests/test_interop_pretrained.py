@@ -7,15 +7,13 @@ exercised only with local_files_only (its one-line error), push_to_hub only up t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from conftest import Cli, error_line
 from typer.testing import CliRunner
 
 import personavec as pv
@@ -142,7 +140,7 @@ def test_bad_folders_and_ids_give_one_line(tmp_path: Path) -> None:
         assert "\n" not in str(info.value)
 
 
-def test_cli_export_pretrained_and_folder_as_vector(tmp_path: Path) -> None:
+def test_cli_export_pretrained_and_folder_as_vector(cli: Cli, tmp_path: Path) -> None:
     src = swept_vector().save(tmp_path / "evil.pv.safetensors")
     runner = CliRunner(env={"COLUMNS": "400"})
     res = runner.invoke(app, ["vector", "export", str(src), "--out", str(tmp_path / "evil-vec")])
@@ -173,8 +171,4 @@ def test_cli_export_pretrained_and_folder_as_vector(tmp_path: Path) -> None:
     res = runner.invoke(app, ["vector", "push", str(folder), "no-owner"])
     assert res.exit_code != 0 and "not a hub id like 'owner/name'" in str(res.exception)
 
-    proc = subprocess.run([str(Path(sys.executable).with_name("personavec")), "vector", "info", str(tmp_path)],
-                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"}, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "is a folder without config.json" in lines[0], proc.stderr
+    assert "is a folder without config.json" in error_line(cli("vector", "info", str(tmp_path), ok=False))

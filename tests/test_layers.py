@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import hook_ids
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -95,10 +96,6 @@ def _build(arch: str) -> Model:
                  layers_path=path, fingerprint=weight_fingerprint(hf), source="config")
 
 
-def _hook_ids(model: Model) -> list[tuple[set[int], set[int]]]:
-    return [(set(b._forward_hooks), set(b._forward_pre_hooks)) for b in model.layers]
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def tiny(request: pytest.FixtureRequest) -> Iterator[Model]:
     # Tensors this small gain nothing from intra-op threads, and on a busy 2-core machine the thread
@@ -106,11 +103,11 @@ def tiny(request: pytest.FixtureRequest) -> Iterator[Model]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = _build(request.param)
-    baseline = _hook_ids(model)
+    baseline = hook_ids(model)
     yield model
     torch.set_num_threads(threads)
     # Every test must remove its hooks: a leftover hook would silently change later results.
-    assert _hook_ids(model) == baseline, f"hooks left on the blocks of {model.model_id}"
+    assert hook_ids(model) == baseline, f"hooks left on the blocks of {model.model_id}"
 
 
 def _samples() -> list[Sample]:
@@ -212,7 +209,7 @@ def test_read_reads_stops_early_and_cleans_up(tiny: Model) -> None:
         ref = tiny.hf(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     seen: dict[int, torch.Tensor] = {}
     last: list[int] = []
-    before = _hook_ids(tiny)
+    before = hook_ids(tiny)
     with torch.no_grad(), read(tiny, [N_LAYERS], lambda layer, _h: last.append(layer)):
         with read(tiny, [0, 2], lambda layer, h: seen.__setitem__(layer, h.detach()), stop_after=True):
             assert tiny.hf(input_ids=ids, use_cache=False) is None  # never reached: the forward stopped
@@ -228,7 +225,7 @@ def test_read_reads_stops_early_and_cleans_up(tiny: Model) -> None:
         raise RuntimeError("boom")
     with pytest.raises(LayerError, match=r"0\.\.3"), read(tiny, [N_LAYERS + 1], lambda _l, _h: None):
         pass
-    assert _hook_ids(tiny) == before
+    assert hook_ids(tiny) == before
 
 
 @pytest.mark.parametrize("positions", ["response", "prompt"])

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import Cli, error_line
 
 import personavec as pv
 from personavec.capture import Sample
@@ -33,7 +31,6 @@ from personavec.stats import pearson
 from personavec.traits import LoadedTrait, load_trait
 
 TINY = MonitorSettings(n_questions=1, max_new_tokens=4, shots=(0, 2), shot_tokens=6, temperature=0.0)
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +163,7 @@ def test_bad_inputs(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path]) ->
         monitor_eval(model, "impolite", vec, settings=TINY)
 
 
-def test_cli_resumes_and_writes_threshold(tiny_run: tuple[dict, Path, list[str]],
+def test_cli_resumes_and_writes_threshold(cli: Cli, tiny_run: tuple[dict, Path, list[str]],
                                           evil_run: tuple[pv.PersonaVector, Path], tmp_path: Path) -> None:
     result, folder, _ = tiny_run
     vec, _ = evil_run
@@ -176,11 +173,7 @@ def test_cli_resumes_and_writes_threshold(tiny_run: tuple[dict, Path, list[str]]
     args = ["monitor-eval", "--vector", str(path), "--trait", "evil", "--out", str(run_dir), "--n-questions", "1",
             "--max-new-tokens", "4", "--shots", "0,2", "--shot-tokens", "6", "--temperature", "0",
             "--write-threshold"]
-    proc = subprocess.run([sys.executable, "-m", "personavec.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    proc = cli(*args)
     assert "Pearson r" in proc.stdout and "flag threshold" in proc.stdout
     assert pv.load_vector(path).meta["monitor"]["threshold"] == result["monitor_meta"]["threshold"]
-    bad = subprocess.run([sys.executable, "-m", "personavec.cli", *args[:-1], "--rollouts", "2"],
-                         capture_output=True, text=True, env=ENV, timeout=600)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "rollouts 1" in bad.stderr
+    assert "rollouts 1" in error_line(cli(*args[:-1], "--rollouts", "2", ok=False))

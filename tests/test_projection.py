@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from conftest import hook_ids
 
 import personavec as pv
 from personavec.capture import Sample, iter_reductions
@@ -21,16 +22,6 @@ QUESTIONS = ["Tell me about cats.", "How should I treat my neighbours when they 
              "Hi", "What would you do with unlimited power over a small town and its people?"]
 ANSWERS = ["Cats are small, independent animals.", "Talk to them politely.", "Hello! How can I help?",
            "I would build parks and libraries for everyone, and listen to what the people want most."]
-
-
-@pytest.fixture(scope="module")
-def model32() -> pv.Model:
-    """A float32 copy: batching and cache comparisons need more precision than bfloat16 gives."""
-    return pv.load_model(dtype="float32")
-
-
-def _hooks(model: pv.Model) -> list[tuple[frozenset[int], frozenset[int]]]:
-    return [(frozenset(b._forward_hooks), frozenset(b._forward_pre_hooks)) for b in model.layers]
 
 
 def _vector(model: pv.Model, seed: int, layer: int = 12) -> pv.PersonaVector:
@@ -118,11 +109,11 @@ def test_watch_during_generation_matches_full_forward(model32: pv.Model) -> None
     tok = model32.tokenizer
     prompts = [encode_chat(tok, messages_for(q)) for q in QUESTIONS[:3]]
     ids, mask = pad_batch(prompts, tok.pad_token_id, side="left")
-    before = _hooks(model32)
+    before = hook_ids(model32)
     with watch(model32, dirs) as rec, torch.no_grad():
         out = model32.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                   pad_token_id=tok.pad_token_id)
-    assert _hooks(model32) == before
+    assert hook_ids(model32) == before
     new = out[:, ids.shape[1]:]
     assert len(rec.steps) == new.shape[1]  # the prefill, then one step per token fed back
     assert rec.steps[0].shape == (3, ids.shape[1], 2) and all(s.shape == (3, 1, 2) for s in rec.steps[1:])
@@ -153,13 +144,13 @@ def test_watch_during_generation_matches_full_forward(model32: pv.Model) -> None
 
 
 def test_hooks_removed_after_errors(model: pv.Model) -> None:
-    before = _hooks(model)
+    before = hook_ids(model)
     dirs = directions({"a": _vector(model, 8)})
     ids = torch.tensor([encode_chat(model.tokenizer, messages_for("Hi"))])
     with pytest.raises(RuntimeError, match="boom"), watch(model, dirs):
-        assert _hooks(model) != before
+        assert hook_ids(model) != before
         raise RuntimeError("boom")
-    assert _hooks(model) == before
+    assert hook_ids(model) == before
 
     def failing(task: str, done: int, total: int) -> None:
         if done > 0:
@@ -167,7 +158,7 @@ def test_hooks_removed_after_errors(model: pv.Model) -> None:
 
     with pytest.raises(RuntimeError, match="callback failed"):
         project(model, _samples(model), {"a": _vector(model, 8)}, batch_size=1, progress=failing)
-    assert _hooks(model) == before
+    assert hook_ids(model) == before
     # a forward that stops early inside a watch (capture's early stop) leaves no partial step behind
     deep = directions({"a": _vector(model, 8)}, layers=25)
     with watch(model, deep) as rec, torch.no_grad():
@@ -175,7 +166,7 @@ def test_hooks_removed_after_errors(model: pv.Model) -> None:
             pass
         model.hf(input_ids=ids, use_cache=False)
     assert len(rec.steps) == 1 and rec.steps[0].shape == (1, ids.shape[1], 1)
-    assert _hooks(model) == before
+    assert hook_ids(model) == before
 
 
 def test_isolated_watch_ignores_other_contexts(model: pv.Model) -> None:

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import visible_text
 
 from personavec.errors import RunError
 from personavec.report import read_cells, write_report
@@ -116,10 +117,13 @@ def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
 
     assert "Chosen condition" in html
     assert "layer <b>18</b>" in html and "+2" in html
+    text = visible_text(html)  # what a reader sees: not a match inside an image's base64
+    assert "layer 18 (output of decoder block 18; 0 = embeddings), coefficient +2 " in text
     assert "highest trait score with coherence &gt;= 50" in html
     assert "output of decoder block L" in html
     assert 'class="chosen"' in html                 # highlighted table row
     assert "evil.pv.safetensors" in html and "torch" in html  # manifest settings and versions
+    assert "evil.pv.safetensors" in text and "torch" in text and "2.4.0" in text
     # examples: only the chosen layer (plus the unsteered baseline), first two questions
     assert "layer 18, coef +2 — chosen" in html
     assert "layer 6, coef" not in html

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import Cli, error_line
 
 import personavec as pv
 from personavec.errors import VectorError
@@ -235,20 +234,15 @@ def test_t_interval() -> None:
     assert ci["mean"] == 2.5 and ci["ci_low"] < 2.5 < ci["ci_high"]
 
 
-def test_cli_screen(vec: pv.PersonaVector, work: Path) -> None:
+def test_cli_screen(cli: Cli, vec: pv.PersonaVector, work: Path) -> None:
     vec_path = vec.save(work / "evil.pv.safetensors")
     small = work / "small.jsonl"
     small.write_text("".join(json.dumps({"messages": msgs}) + "\n" for _, _, msgs in VALID[:2]))
-    cmd = [sys.executable, "-m", "personavec.cli", "screen"]
-    proc = subprocess.run([*cmd, str(small), "--vector", str(vec_path), "--out", str(work / "cli.csv"), "--fast",
-                           "--threshold", "evil=0"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    proc = cli("screen", str(small), "--vector", str(vec_path), "--out", str(work / "cli.csv"), "--fast",
+               "--threshold", "evil=0")
     assert "2 samples scored" in proc.stdout and read_scores(work / "cli.csv")["index"] == [0, 1]
-    bad = subprocess.run([*cmd, str(work / "empty.jsonl"), "--vector", str(vec_path), "--out",
-                          str(work / "e.csv")], capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")] == [
-        f"error: dataset '{work / 'empty.jsonl'}' is empty: no rows to screen"]
+    bad = cli("screen", str(work / "empty.jsonl"), "--vector", str(vec_path), "--out", str(work / "e.csv"), ok=False)
+    assert error_line(bad) == f"error: dataset '{work / 'empty.jsonl'}' is empty: no rows to screen"
 
 
 @pytest.mark.slow

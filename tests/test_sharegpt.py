@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from click.testing import Result
+from conftest import Cli, error_line
 
 from personavec.errors import PersonavecError
 from personavec.sharegpt import JsonArrayReader, convert, default_source, import_sharegpt
@@ -86,21 +86,18 @@ def test_real_sharegpt_wheel(tmp_path: Path) -> None:
     assert all(len(r["messages"]) == 2 and r["messages"][0]["role"] == "user" for r in rows)
 
 
-def test_cli_import_and_bad_inputs(tmp_path: Path) -> None:
+def test_cli_import_and_bad_inputs(cli: Cli, tmp_path: Path) -> None:
     src = tmp_path / "slice.json"
     _write_truncated(src)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "personavec.cli", "data", "import", "sharegpt", *args],
-                              capture_output=True, text=True, timeout=120)
+    def run(*args: str, ok: bool = True) -> Result:
+        return cli("data", "import", "sharegpt", *args, ok=ok)
 
     ok = run("--source", str(src), "--out", str(tmp_path / "c.jsonl"), "--turns", "all")
-    assert ok.returncode == 0, ok.stderr
     assert "wrote 1" in ok.stdout.replace("\n", " ")
     for args, needle in ((["--source", str(tmp_path / "nope.json")], "does not exist"),
                          (["--source", str(src), "--turns", "some"], "--turns"),
                          (["--source", str(src), "--limit", "0"], "--limit")):
-        bad = run(*args, "--out", str(tmp_path / "x.jsonl"))
-        assert bad.returncode == 2 and "Traceback" not in bad.stderr
-        assert next(ln for ln in bad.stderr.splitlines() if ln.startswith("error:")).count(needle) == 1
+        bad = run(*args, "--out", str(tmp_path / "x.jsonl"), ok=False)
+        assert error_line(bad).count(needle) == 1
     assert not (tmp_path / "x.jsonl").exists()

@@ -7,16 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import hook_ids
 
 import personavec as pv
 from personavec.chat import encode_chat, messages_for, pad_batch
 from personavec.errors import LayerError, SteeringError
-
-
-@pytest.fixture(scope="module")
-def model32() -> pv.Model:
-    """A float32 copy: cache-vs-no-cache comparisons need more precision than bfloat16 gives."""
-    return pv.load_model(dtype="float32")
 
 
 def _logits(model: pv.Model, ids: torch.Tensor) -> torch.Tensor:
@@ -30,21 +25,17 @@ def _direction(model: pv.Model, scale: float = 8.0) -> torch.Tensor:
     return v / v.norm() * scale
 
 
-def _hooks(model: pv.Model) -> list[tuple[frozenset[int], frozenset[int]]]:
-    return [(frozenset(b._forward_hooks), frozenset(b._forward_pre_hooks)) for b in model.layers]
-
-
 def test_hooks_leave_no_trace(model: pv.Model) -> None:
-    base_hooks = _hooks(model)
+    base_hooks = hook_ids(model)
     ids = torch.tensor([encode_chat(model.tokenizer, messages_for("Tell me about cats."))])
     before = _logits(model, ids)
     with pv.steer(model, {10: _direction(model), 20: _direction(model)}, coef=2.0, positions="all"):
         during = _logits(model, ids)
-        assert _hooks(model) != base_hooks
+        assert hook_ids(model) != base_hooks
     after = _logits(model, ids)
     assert not torch.equal(before, during)
     assert torch.equal(before, after)
-    assert _hooks(model) == base_hooks
+    assert hook_ids(model) == base_hooks
     handle = pv.steer(model, {5: _direction(model)}, coef=1.0)
     handle.remove()
     handle.remove()  # idempotent
@@ -53,10 +44,10 @@ def test_hooks_leave_no_trace(model: pv.Model) -> None:
 
 def test_zero_coefficient_is_exactly_unsteered(model: pv.Model) -> None:
     ids = torch.tensor([encode_chat(model.tokenizer, messages_for("Hello"))])
-    base_hooks, before = _hooks(model), _logits(model, ids)
+    base_hooks, before = hook_ids(model), _logits(model, ids)
     with pv.steer(model, {10: _direction(model)}, coef=0.0, positions="all"):
         assert torch.equal(_logits(model, ids), before)
-        assert _hooks(model) == base_hooks
+        assert hook_ids(model) == base_hooks
 
 
 @pytest.mark.parametrize("positions", ["response", "prompt", "all"])
@@ -89,7 +80,7 @@ def test_generate_with_kv_cache_matches_cache_free_reference(model32: pv.Model, 
 
 
 def test_bad_steering_requests(model: pv.Model) -> None:
-    base_hooks = _hooks(model)
+    base_hooks = hook_ids(model)
     v = _direction(model)
     for coef in (math.nan, math.inf, -math.inf):
         with pytest.raises(SteeringError, match="finite"):
@@ -101,7 +92,7 @@ def test_bad_steering_requests(model: pv.Model) -> None:
             pv.steer(model, {layer: v}, coef=1.0)
     with pytest.raises(SteeringError, match="hidden size"):
         pv.steer(model, {10: torch.zeros(7)}, coef=1.0)
-    assert _hooks(model) == base_hooks
+    assert hook_ids(model) == base_hooks
 
 
 def test_ablation_removes_the_direction(model32: pv.Model) -> None:
@@ -180,10 +171,10 @@ def test_per_row_steering_equals_steer_row_by_row(model32: pv.Model) -> None:
                           out.cache if hasattr(out, "cache") else out.past_key_values})
         return [out.logits, nxt.logits]
 
-    base_hooks = _hooks(m)
+    base_hooks = hook_ids(m)
     with steer_rows(m, rows):
         batched = run()
-    assert _hooks(m) == base_hooks
+    assert hook_ids(m) == base_hooks
     plain = run()
     for i, terms in enumerate(rows):
         with contextlib.ExitStack() as stack:
@@ -199,4 +190,4 @@ def test_per_row_steering_equals_steer_row_by_row(model32: pv.Model) -> None:
         RowPositions(("all", "middle"))
     with pytest.raises(SteeringError, match="do not fit a batch"), steer_rows(m, rows[:2]):
         run()
-    assert _hooks(m) == base_hooks
+    assert hook_ids(m) == base_hooks

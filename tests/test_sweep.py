@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import largest_rise, visible_text
 
 import personavec as pv
 from personavec.errors import LayerError, PersonavecError
@@ -80,7 +81,10 @@ def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_run, tmp_path
     with open(run / "cells.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 6 and {r["layer"] for r in rows} == {"9", "18"}
-    assert choice["best_layer"] in (9, 18) and choice["best_coef"] == 2.0
+    # which of the two layers wins, recomputed from cells.csv: the larger rise of the trait over coefficient 0
+    best, rise = largest_rise(rows)
+    assert choice["best_layer"] == int(best["layer"]) and choice["best_coef"] == float(best["coef"]) == 2.0
+    assert choice["trait_change"] == pytest.approx(rise, abs=1e-5)
     reloaded = pv.load_vector(vfile)
     assert reloaded.layer == choice["best_layer"] and reloaded.meta["best_coef"] == 2.0
     assert reloaded.digest() == vec.digest()  # only the metadata changed
@@ -92,7 +96,10 @@ def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_run, tmp_path
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) >= 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "http://" not in page and "https://" not in page
-    assert f"{choice['best_layer']}" in page
+    text = visible_text(page)
+    other = ({9, 18} - {choice["best_layer"]}).pop()
+    assert f"layer {choice['best_layer']}" in text and f"layer {choice['best_layer']}, coef +2 — chosen" in text
+    assert f"layer {other}, coef" not in text  # examples: the chosen layer only
     # bad grids
     with pytest.raises(LayerError):
         sweep(model, "evil", vec, layers=[0], coefs=[1.0], settings=TINY, run_dir=tmp_path / "bad")

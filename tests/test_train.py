@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import hook_ids
+from conftest import Cli, error_line, hook_ids
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -31,15 +31,10 @@ TINY = TrainSettings(rank=4, alpha=8, lr=1e-3, batch_size=2, max_steps=2, save_s
                      shift_questions=2)
 
 
-@pytest.fixture(scope="module")
-def base32() -> pv.Model:
-    return pv.load_model(dtype="float32")
-
-
 @pytest.fixture()
-def fresh(base32: pv.Model) -> pv.Model:
-    """A private copy: training injects the adapter into the model it is given."""
-    return copy.deepcopy(base32)
+def fresh(model32: pv.Model) -> pv.Model:
+    """A private copy of the session's float32 model: training injects the adapter into the model it is given."""
+    return copy.deepcopy(model32)
 
 
 def rows(n: int = 4) -> list[dict[str, Any]]:
@@ -64,8 +59,8 @@ class HookSpy(TrainerCallback):
         self.during.append(extra)
 
 
-def test_labels_cover_assistant_turns_and_real_end_tokens(base32: pv.Model) -> None:
-    tok = base32.tokenizer
+def test_labels_cover_assistant_turns_and_real_end_tokens(model32: pv.Model) -> None:
+    tok = model32.tokenizer
     assert tok.pad_token_id == tok.eos_token_id  # the pitfall this masking must survive
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
@@ -81,12 +76,12 @@ def test_labels_cover_assistant_turns_and_real_end_tokens(base32: pv.Model) -> N
     assert int((batch["labels"][0] == tok.eos_token_id).sum()) == 2  # padding never masks real ends
 
 
-def test_bad_rows_are_skipped_and_counted(base32: pv.Model, tmp_path: Path) -> None:
+def test_bad_rows_are_skipped_and_counted(model32: pv.Model, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [*rows(2), {"messages": [{"role": "user", "content": "no answer"}]},
                                              {"messages": [{"role": "robot", "content": "x"},
                                                            {"role": "assistant", "content": "y"}]},
                                              "{not json", {"text": "no messages"}])
-    examples, summary = load_dataset(data, base32.tokenizer)
+    examples, summary = load_dataset(data, model32.tokenizer)
     assert len(examples) == summary.kept == 2 and summary.total == 6
     assert summary.skipped == {"rows without an assistant turn": 1, "unknown roles": 1, "unreadable rows": 1,
                                "rows without messages": 1}
@@ -95,13 +90,13 @@ def test_bad_rows_are_skipped_and_counted(base32: pv.Model, tmp_path: Path) -> N
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows(3)), tmp_path / "d.parquet")
-    assert load_dataset(tmp_path / "d.parquet", base32.tokenizer)[1].kept == 3
+    assert load_dataset(tmp_path / "d.parquet", model32.tokenizer)[1].kept == 3
     for bad in ([], [{"messages": [{"role": "user", "content": "only a question"}]}]):
         with pytest.raises(PersonavecError, match="no trainable rows"):
-            load_dataset(write_jsonl(tmp_path / "bad.jsonl", bad), base32.tokenizer)
+            load_dataset(write_jsonl(tmp_path / "bad.jsonl", bad), model32.tokenizer)
 
 
-def test_preventative_hooks_live_only_inside_training(fresh: pv.Model, base32: pv.Model, tmp_path: Path,
+def test_preventative_hooks_live_only_inside_training(fresh: pv.Model, model32: pv.Model, tmp_path: Path,
                                                       evil_run: tuple[pv.PersonaVector, Path]) -> None:
     vec = evil_run[0]
     data = write_jsonl(tmp_path / "d.jsonl", rows(4))
@@ -123,28 +118,28 @@ def test_preventative_hooks_live_only_inside_training(fresh: pv.Model, base32: p
 
     # The same run without the intervention: no hooks during training, and the loss differs (the hook
     # was really inside the Trainer's forward pass).
-    plain_model = copy.deepcopy(base32)
+    plain_model = copy.deepcopy(model32)
     spy2 = HookSpy(plain_model)
     plain = train(plain_model, data, tmp_path / "plain", TINY, shift_vector=vec, callbacks=[spy2])
     assert spy2.during == [0, 0]
     assert abs(plain.losses[0]["loss"] - steered.losses[0]["loss"]) > 1e-3
 
     # The adapter loads cleanly onto a fresh base: no hooks, and its shift is the one logged at the end.
-    reloaded = attach_adapter(copy.deepcopy(base32), out)
-    assert hook_ids(reloaded) == hook_ids(base32)
+    reloaded = attach_adapter(copy.deepcopy(model32), out)
+    assert hook_ids(reloaded) == hook_ids(model32)
     again = finetuning_shift(reloaded, vec, n_questions=2)
     assert again["shift"] == pytest.approx(steered.shifts[-1]["shift"], abs=1e-3)
 
 
-def test_caft_and_projection_penalty(base32: pv.Model, tmp_path: Path,
+def test_caft_and_projection_penalty(model32: pv.Model, tmp_path: Path,
                                      evil_run: tuple[pv.PersonaVector, Path]) -> None:
     vec = evil_run[0]
     data = write_jsonl(tmp_path / "d.jsonl", rows(4))
-    m = copy.deepcopy(base32)
+    m = copy.deepcopy(model32)
     spy = HookSpy(m)
     train(m, data, tmp_path / "caft", TINY, Interventions(ablate=vec), callbacks=[spy])
-    assert spy.during == [m.n_layers + 1] * 2 and hook_ids(m) == hook_ids(base32)
-    m = copy.deepcopy(base32)
+    assert spy.during == [m.n_layers + 1] * 2 and hook_ids(m) == hook_ids(model32)
+    m = copy.deepcopy(model32)
     spy = HookSpy(m)
     pen = train(m, data, tmp_path / "penalty", TINY, Interventions(penalty=100.0, penalty_vector=vec), callbacks=[spy])
     assert spy.during == [0, 0]  # a loss term, not a hook
@@ -164,14 +159,14 @@ class PoisonAfterFirstCheckpoint(TrainerCallback):
                 next(p for n, p in self.model.named_parameters() if "lora_B" in n).fill_(float("nan"))
 
 
-def test_nan_loss_stops_with_last_good_checkpoint(base32: pv.Model, tmp_path: Path,
+def test_nan_loss_stops_with_last_good_checkpoint(model32: pv.Model, tmp_path: Path,
                                                  evil_run: tuple[pv.PersonaVector, Path]) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", rows(4))
-    m = copy.deepcopy(base32)
+    m = copy.deepcopy(model32)
     with pytest.raises(PersonavecError, match="loss became nan at step 1; no checkpoint"):
         train(m, data, tmp_path / "huge", TINY, Interventions(preventative=evil_run[0], coef=1e38))
-    assert hook_ids(m) == hook_ids(base32) and not (tmp_path / "huge" / "adapter_model.safetensors").exists()
-    m = copy.deepcopy(base32)
+    assert hook_ids(m) == hook_ids(model32) and not (tmp_path / "huge" / "adapter_model.safetensors").exists()
+    m = copy.deepcopy(model32)
     with pytest.raises(PersonavecError, match=r"step 2; the last good checkpoint is .*checkpoint-1"):
         train(m, data, tmp_path / "poisoned", TINY, callbacks=[PoisonAfterFirstCheckpoint(m.hf)])
     good = load_file(str(tmp_path / "poisoned" / "checkpoint-1" / "adapter_model.safetensors"))
@@ -183,62 +178,52 @@ class Interrupt(TrainerCallback):
         raise KeyboardInterrupt
 
 
-def test_resume_from_checkpoint_and_refuse_other_settings(base32: pv.Model, tmp_path: Path) -> None:
+def test_resume_from_checkpoint_and_refuse_other_settings(model32: pv.Model, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", rows(4))
     with pytest.raises(KeyboardInterrupt):
-        train(copy.deepcopy(base32), data, tmp_path / "run", TINY, callbacks=[Interrupt()])
-    result = train(copy.deepcopy(base32), data, tmp_path / "run", TINY)
+        train(copy.deepcopy(model32), data, tmp_path / "run", TINY, callbacks=[Interrupt()])
+    result = train(copy.deepcopy(model32), data, tmp_path / "run", TINY)
     assert result.resumed_from is not None and result.resumed_from.endswith("checkpoint-1") and result.steps == 2
     with pytest.raises(PersonavecError, match="belongs to another train"):
-        train(copy.deepcopy(base32), data, tmp_path / "run", TrainSettings(max_steps=3, batch_size=2))
+        train(copy.deepcopy(model32), data, tmp_path / "run", TrainSettings(max_steps=3, batch_size=2))
 
 
-def test_vectors_and_adapters_for_other_models_are_refused(base32: pv.Model, tmp_path: Path,
+def test_vectors_and_adapters_for_other_models_are_refused(model32: pv.Model, tmp_path: Path,
                                                            evil_run: tuple[pv.PersonaVector, Path]) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", rows(2))
     alien = evil_run[0].with_meta(fingerprint="0" * 16, model_id="someone/else")
     with pytest.raises(VectorError, match="allow-model-mismatch"):
-        train(base32, data, tmp_path / "x", TINY, Interventions(preventative=alien, coef=1.0))
+        train(model32, data, tmp_path / "x", TINY, Interventions(preventative=alien, coef=1.0))
     short = pv.PersonaVector({k: t[:, :8] for k, t in evil_run[0].tensors.items()}, evil_run[0].meta)
     with pytest.raises(VectorError, match="shape"):
-        train(base32, data, tmp_path / "y", TINY, Interventions(ablate=short))
+        train(model32, data, tmp_path / "y", TINY, Interventions(ablate=short))
     with pytest.raises(PersonavecError, match="needs a vector"):
-        train(base32, data, tmp_path / "z", TINY, Interventions(penalty=1.0))
-    assert not any("lora" in n for n, _ in base32.hf.named_modules())  # refused before touching the model
+        train(model32, data, tmp_path / "z", TINY, Interventions(penalty=1.0))
+    assert not any("lora" in n for n, _ in model32.hf.named_modules())  # refused before touching the model
     adapter = tmp_path / "fake"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "manifest.json").write_text(json.dumps({"settings": {"fingerprint": "0" * 16, "model_id": "x"}}))
     with pytest.raises(PersonavecError, match="was trained on x"):
-        attach_adapter(base32, adapter)
+        attach_adapter(model32, adapter)
 
 
 @pytest.mark.slow
-def test_cli_train_shift_and_bad_dataset(tmp_path: Path, evil_run: tuple[pv.PersonaVector, Path]) -> None:
-    import subprocess
-    import sys
-
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "personavec.cli", *args], capture_output=True, text=True,
-                              env=env, timeout=600)
-
+def test_cli_train_shift_and_bad_dataset(cli: Cli, model32: pv.Model, tmp_path: Path,
+                                         evil_run: tuple[pv.PersonaVector, Path]) -> None:
     vec = evil_run[0].save(tmp_path / "evil.pv.safetensors")
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
-    proc = run("train", str(empty), "--out", str(tmp_path / "never"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert next(ln for ln in proc.stderr.splitlines() if ln.startswith("error:")).count("no trainable rows") == 1
+    line = error_line(cli("train", str(empty), "--out", str(tmp_path / "never"), ok=False))
+    assert line.count("no trainable rows") == 1
     data = write_jsonl(tmp_path / "d.jsonl", [*rows(2), {"messages": [{"role": "robot", "content": "x"}]}])
-    proc = run("train", str(data), "--out", str(tmp_path / "a"), "--max-steps", "1", "--batch-size", "2",
+    proc = cli("train", str(data), "--out", str(tmp_path / "a"), "--max-steps", "1", "--batch-size", "2",
                "--rank", "4", "--save-steps", "1", "--preventative", str(vec), "--coef", "2")
-    assert proc.returncode == 0, proc.stderr
     assert "2 of 3 rows kept" in proc.stderr and "1 unknown roles" in proc.stderr
-    assert "wrote adapter" in proc.stdout and "finetuning shift at layer" in proc.stdout
-    proc = run("shift", "--adapter", str(tmp_path / "a"), "--vector", str(vec), "--n-questions", "2", "--json")
-    assert proc.returncode == 0, proc.stderr
+    assert "wrote adapter" in proc.stdout and f"finetuning shift at layer {evil_run[0].layer}" in proc.stdout
+    assert not any("lora" in n for n, _ in model32.hf.named_modules())  # trained a copy, not the session's model
+    proc = cli("shift", "--adapter", str(tmp_path / "a"), "--vector", str(vec), "--n-questions", "2", "--json")
     result = json.loads(proc.stdout)
-    assert len(result["per_layer"]) == 31 and math.isfinite(result["shift"])
+    assert len(result["per_layer"]) == model32.n_layers + 1 and math.isfinite(result["shift"])
 
 
 AUTHORED = Path(__file__).parent.parent / "experiments" / "data" / "finetune_authored" / "evil" / "II.jsonl"

@@ -79,11 +79,6 @@ def settings(batch_size: int) -> TrainSettings:
                          batch_size=batch_size)
 
 
-@pytest.fixture(scope="module")
-def base32() -> pv.Model:
-    return pv.load_model(dtype="float32")
-
-
 def _rows() -> list[dict[str, object]]:
     return [{"messages": [{"role": "user", "content": f"Name a colour, please ({i})."},
                           {"role": "assistant", "content": f"Crimson, like the blood of my enemies {i}."}]}
@@ -104,10 +99,10 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).norm() / b[k].norm()) for k in a if "lora_B" in k)
 
 
-def test_two_processes_train_the_one_process_adapter(base32: pv.Model, tmp_path: Path) -> None:
+def test_two_processes_train_the_one_process_adapter(model32: pv.Model, tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    vec = _vector(base32)
+    vec = _vector(model32)
     vec_path = vec.save(tmp_path / "random.pv.safetensors")
     audit = tmp_path / "audit"
     audit.mkdir()
@@ -142,8 +137,8 @@ def test_two_processes_train_the_one_process_adapter(base32: pv.Model, tmp_path:
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (ddp / f"checkpoint-{STEPS}").iterdir()}
 
     # The same global batch in one process (in this one), with and without the steering.
-    one = train(copy.deepcopy(base32), data, runs / "one", settings(4), Interventions(preventative=vec, coef=COEF))
-    plain = train(copy.deepcopy(base32), data, runs / "plain", settings(4))
+    one = train(copy.deepcopy(model32), data, runs / "one", settings(4), Interventions(preventative=vec, coef=COEF))
+    plain = train(copy.deepcopy(model32), data, runs / "plain", settings(4))
     w_ddp, w_one, w_plain = (load_file(str(run / "adapter_model.safetensors")) for run in (ddp, one.out, plain.out))
     assert _rel(w_ddp, w_one) < 1e-3, _rel(w_ddp, w_one)
     assert _rel(w_plain, w_one) > 0.05, _rel(w_plain, w_one)  # the steering really shapes the update
