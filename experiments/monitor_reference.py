@@ -21,8 +21,8 @@ each run folder's results.csv.
 from __future__ import annotations
 
 import argparse
-import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,31 +31,11 @@ import numpy as np
 import personavec as pv
 from personavec.io import read_jsonl, write_json, write_text
 from personavec.monitor import MonitorSettings, monitor_eval
+from personavec.reproduce.monitoring import overlap
 from personavec.stats import centre, pearson_ci
 
 TRAITS = ("evil", "humorous", "impolite")
 VECTORS = Path("experiments/out/monitor_eval")
-STOP_WORDS = ("a an the you your yours are is be to of and or in on at for with as that this it its who whom which "
-              "what every each all any their them they those these never always should make makes let lets like reply "
-              "answer from by not no do does so than then into up out over about most more very s")
-STOP = frozenset(STOP_WORDS.split(" "))
-
-
-def words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in STOP}
-
-
-def overlap(trait: Any) -> dict[str, Any]:
-    """Highest Jaccard overlap of content words between any graded prompt and any pair prompt."""
-    pairs = [getattr(p, side) for p in trait.pairs for side in ("positive", "negative")]
-    best = {"jaccard": 0.0, "graded": "", "pair": "", "shared": []}
-    for g in trait.graded_prompts:
-        for p in pairs:
-            shared = words(g) & words(p)
-            j = len(shared) / len(words(g) | words(p))
-            if j > best["jaccard"]:
-                best = {"jaccard": j, "graded": g, "pair": p, "shared": sorted(shared)}
-    return best
 
 
 def centred(points: list[dict[str, Any]], key: str, by: str = "level") -> list[float]:
@@ -97,7 +77,7 @@ def main() -> None:
         y = [p["reference"] for p in pts]
         lv = res["levels"]
         judged = [p for p in pts if p["trait_score"] is not None]
-        row = {"layer": res["layer"], "n_points": len(pts), "overlap": overlap(loaded.trait),
+        row = {"layer": res["layer"], "n_points": len(pts), "overlap": asdict(overlap(loaded.trait)),
                "r_points": ci(pearson_ci(x, y)),
                "r_level_means": ci(pearson_ci([v["projection"] for v in lv], [v["reference"] for v in lv])),
                "r_within_levels": ci(pearson_ci(centred(pts, "projection"), centred(pts, "reference"))),

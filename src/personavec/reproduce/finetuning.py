@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,22 +159,32 @@ def summarize(name: str, layer: int, dps: dict[str, float], base: Measured, runs
         r_delta_p=correlation([dps[r.set] for r in runs], delta, bootstrap=True))
 
 
+def missing_sets(ctx: Context, data: Path, sets: Sequence[str]) -> NotRun | None:
+    """The stage's skip record when `data` lacks one of the sets it needs for some trait, else None."""
+    missing = [f"{t}/{s}.jsonl" for t in ctx.traits for s in sets if not (data / t / f"{s}.jsonl").is_file()]
+    return NotRun(SKIPPED, f"--data {data} lacks {', '.join(missing[:3])}") if missing else None
+
+
+def trait_inputs(ctx: Context, stage: str) -> Iterator[tuple[str, int, PersonaVector, Path]]:
+    """(trait, the sweep's layer, the extracted vector, the stage's work folder) for each trait of the run."""
+    vectors = ctx.result("extract", ExtractionResult)
+    steering = ctx.result("sweep", SteeringResult)
+    for name in ctx.traits:
+        work = ctx.stage_dir(stage, name)
+        work.mkdir(parents=True, exist_ok=True)
+        yield name, steering.traits[name].layer, PersonaVector.load(vectors.path(ctx.folder, name)), work
+
+
 def run_finetuning(ctx: Context) -> FinetuneResult | NotRun:
     f, data = ctx.settings.finetune, ctx.settings.data
     if data is None:
         return NotRun(SKIPPED, "no --data folder of authored finetuning sets (<trait>/<set>.jsonl; "
                                "experiments/data/finetune_authored is not in the wheel)")
-    missing = [f"{t}/{s}.jsonl" for t in ctx.traits for s in f.sets if not (Path(data) / t / f"{s}.jsonl").is_file()]
-    if missing:
-        return NotRun(SKIPPED, f"--data {data} lacks {', '.join(missing[:3])}")
-    vectors = ctx.result("extract", ExtractionResult)
-    steering = ctx.result("sweep", SteeringResult)
+    lacking = missing_sets(ctx, Path(data), f.sets)
+    if lacking:
+        return lacking
     out = {}
-    for name in ctx.traits:
-        layer = steering.traits[name].layer
-        vec = PersonaVector.load(vectors.path(ctx.folder, name))
-        work = ctx.stage_dir("finetune", name)
-        work.mkdir(parents=True, exist_ok=True)
+    for name, layer, vec, work in trait_inputs(ctx, "finetune"):
         sets = {s: rows_of(Path(data) / name / f"{s}.jsonl", work, f.max_rows) for s in f.sets}
         dps = {s: float(screen(ctx.model, p, [vec], work / f"{s}.dp.csv", fast=True, layer=layer, histograms=False,
                                cache=work / "base-answers.sqlite", progress=ctx.progress).summary["traits"][vec.trait]["delta_p"]["mean"])

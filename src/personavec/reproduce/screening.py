@@ -22,11 +22,9 @@ from ..screen import screen
 from ..stats import auc, auc_ci
 from ..vectors import PersonaVector
 from .context import Context, NotRun
-from .extraction import ExtractionResult
-from .finetuning import rows_of
+from .finetuning import missing_sets, rows_of, trait_inputs
 from .manifest import SKIPPED
 from .records import Interval, interval
-from .steering import SteeringResult
 
 #: The authored sets in contamination order (files that are absent are left out).
 SETS = ("normal", "mix025", "mix050", "mix075", "II")
@@ -74,18 +72,11 @@ def run_screening(ctx: Context) -> ScreenResult | NotRun:
     if data is None:
         return NotRun(SKIPPED, "no --data folder of authored sets (<trait>/normal.jsonl, II.jsonl and the "
                                "mixtures); the ShareGPT top-flagged samples are not run in v1")
-    missing = [f"{t}/{s}.jsonl" for t in ctx.traits for s in ("normal", "II")
-               if not (Path(data) / t / f"{s}.jsonl").is_file()]
-    if missing:
-        return NotRun(SKIPPED, f"--data {data} lacks {', '.join(missing[:3])}")
-    vectors = ctx.result("extract", ExtractionResult)
-    steering = ctx.result("sweep", SteeringResult)
+    lacking = missing_sets(ctx, Path(data), ("normal", "II"))
+    if lacking:
+        return lacking
     out = {}
-    for name in ctx.traits:
-        layer = steering.traits[name].layer
-        vec = PersonaVector.load(vectors.path(ctx.folder, name))
-        work = ctx.stage_dir("screen", name)
-        work.mkdir(parents=True, exist_ok=True)
+    for name, layer, vec, work in trait_inputs(ctx, "screen"):
         paths = {s: rows_of(Path(data) / name / f"{s}.jsonl", work, ctx.settings.finetune.max_rows)
                  for s in SETS if (Path(data) / name / f"{s}.jsonl").is_file()}
         trait_ids = {r["id"] for r in _rows(Path(data) / name / "II.jsonl")}
