@@ -397,6 +397,8 @@ def correlations(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[s
         lines.append(f"| (b) control: dataset ΔP on {len(rs)} random directions | mean abs r {np.mean(np.abs(rs)):.3f}, "
                      f"max abs r {np.max(np.abs(rs)):.3f} | |")
     sets = sorted({r["set"] for r in fts})  # the datasets are the units ΔP varies over: r over set means too
+    if len(sets) < 4:  # a Fisher-z interval needs n > 3
+        return
     mean_change = [float(np.mean([c for r, c in zip(fts, change, strict=True) if r["set"] == n])) for n in sets]
     for label, key in pairs.items():
         xs = [float(np.mean([key(r) for r in fts if r["set"] == n])) for n in sets]
