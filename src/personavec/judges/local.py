@@ -44,7 +44,10 @@ class LocalJudge(RubricJudge):
         return f"{METHOD_VERSION}:min_mass={self.min_mass}"
 
     def _hooked(self) -> bool:
-        return any(b._forward_hooks or b._forward_pre_hooks for b in self.model.layers)
+        """Hooks on the blocks other than transformers' own (transformers 5 adds output-capturing hooks the
+        first time output_hidden_states is used; they change nothing the judge reads)."""
+        return any(not str(getattr(h, "__module__", "")).startswith("transformers.")
+                   for b in self.model.layers for h in (*b._forward_hooks.values(), *b._forward_pre_hooks.values()))
 
     def score_prompts(self, prompts: Sequence[str], progress: Progress | None = None,
                       task: str = "judge") -> list[float | None]:
