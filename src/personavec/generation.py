@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .chat import Message, batches_by_length, encode_chat, pad_batch
+from .layers import block_hooks
 from .progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -35,9 +36,7 @@ def _stop_ids(model: Model) -> list[int]:
 
 def _steering_hooks_on(model: Model) -> bool:
     """Whether personavec steering hooks (from `steer`, `intervene`, `ablate`) are on the model's blocks."""
-    return any(getattr(h, "__module__", None) == "personavec.steering"
-               for block in model.layers for h in (*block._forward_hooks.values(),
-                                                   *block._forward_pre_hooks.values()))
+    return any(getattr(h, "__module__", None) == "personavec.steering" for h in block_hooks(model.layers))
 
 
 def resolve_engine(model: Model, engine: Engine | str | None, **options: Any) -> Engine:

@@ -8,6 +8,7 @@ A vector for layer L is therefore added by a hook on block L-1.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -107,3 +108,10 @@ def block_output(output: Any) -> torch.Tensor:
 
 def replace_block_output(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def block_hooks(blocks: Iterable[nn.Module]) -> list[Callable[..., Any]]:
+    """The forward and pre-forward hooks on `blocks` that are not transformers' own (transformers 5 adds
+    output-capturing hooks the first time output_hidden_states is used; they change no output)."""
+    return [h for b in blocks for h in (*b._forward_hooks.values(), *b._forward_pre_hooks.values())
+            if not str(getattr(h, "__module__", "")).startswith("transformers.")]

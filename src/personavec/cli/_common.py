@@ -104,6 +104,8 @@ EngineOpt = Annotated[str, typer.Option("--engine", help="Who generates: hf (Hug
                                         "steering runs inside its workers).")]
 TensorParallelOpt = Annotated[int, typer.Option("--tensor-parallel-size", help="GPUs the vllm engine splits the "
                                                 "model over (vllm engine only).")]
+AllowMismatchOpt = Annotated[bool, typer.Option(help="Use vectors made on other weights (their fingerprint "
+                                                         "differs from the model's).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout "
                                        "(progress and warnings on stderr).")]
 

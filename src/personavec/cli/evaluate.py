@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..errors import PersonavecError
 from ._common import (
+    AllowMismatchOpt,
     ControlOpt,
     DeviceOpt,
     DtypeOpt,
@@ -44,7 +45,7 @@ def eval_cmd(
     capability: Annotated[bool, typer.Option(help="Also measure perplexity and quiz accuracy.")] = False,
     model: ModelOpt = None,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
-    allow_model_mismatch: Annotated[bool, typer.Option(help="Apply a vector made on other weights.")] = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -122,7 +123,7 @@ def sweep_cmd(
     no_update: Annotated[bool, typer.Option("--no-update-vector", help="Do not write the choice into the vector.")] = False,
     model: ModelOpt = None,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
-    allow_model_mismatch: Annotated[bool, typer.Option(help="Apply a vector made on other weights.")] = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

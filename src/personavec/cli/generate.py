@@ -10,6 +10,7 @@ import typer
 
 from ..errors import PersonavecError
 from ._common import (
+    AllowMismatchOpt,
     DeviceOpt,
     DtypeOpt,
     EngineOpt,
@@ -37,7 +38,7 @@ def generate(
     model: ModelOpt = None,
     max_new_tokens: int = 96, temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     seed: int = 0,
-    allow_model_mismatch: Annotated[bool, typer.Option(help="Apply a vector made on other weights.")] = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,

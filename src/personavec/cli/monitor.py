@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..errors import PersonavecError
 from ._common import (
+    AllowMismatchOpt,
     DeviceOpt,
     DtypeOpt,
     EngineOpt,
@@ -44,7 +45,7 @@ def monitor_eval_cmd(
                                                   "(meta 'monitor', atomic) for `personavec serve`.")] = False,
     seed: int = 0,
     model: ModelOpt = None,
-    allow_model_mismatch: Annotated[bool, typer.Option(help="Use a vector made on other weights.")] = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..errors import PersonavecError
 from ._common import (
+    AllowMismatchOpt,
     DeviceOpt,
     DtypeOpt,
     EngineOpt,
@@ -70,7 +71,7 @@ def screen_cmd(
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per Ray actor (0: CPU actors).")] = 0.0,
     histograms: Annotated[bool, typer.Option(help="Write a ΔP histogram PNG per trait.")] = True,
     model: ModelOpt = None,
-    allow_model_mismatch: Annotated[bool, typer.Option(help="Use vectors made on other weights.")] = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..errors import PersonavecError
-from ._common import DeviceOpt, DtypeOpt, LayersPathOpt, ModelOpt, info, load
+from ._common import AllowMismatchOpt, DeviceOpt, DtypeOpt, LayersPathOpt, ModelOpt, info, load
 
 if TYPE_CHECKING:
     from ..serve.schemas import SteerSpec
@@ -54,7 +54,7 @@ def serve(
     log: Annotated[Path | None, typer.Option(help="Append one JSONL line per request (persona readings, usage).")] = None,
     log_prompts: Annotated[bool, typer.Option(help="Also log prompt and completion text (off by default).")] = False,
     served_model_name: Annotated[str | None, typer.Option(help="Name clients pass as 'model' (default: the model id).")] = None,
-    allow_model_mismatch: Annotated[bool, typer.Option(help="Serve vectors made on other weights.")] = False,
+    allow_model_mismatch: AllowMismatchOpt = False,
     steered_model: Annotated[list[str] | None, typer.Option(
         metavar="NAME=VECTOR:COEF[:LAYER][:POSITIONS]",
         help="Serve an extra model NAME that steers every request sent to it (for clients such as "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from ..layers import block_hooks
 from ..models import Model
 from ..progress import Progress
 from .base import RubricJudge
@@ -44,10 +45,7 @@ class LocalJudge(RubricJudge):
         return f"{METHOD_VERSION}:min_mass={self.min_mass}"
 
     def _hooked(self) -> bool:
-        """Hooks on the blocks other than transformers' own (transformers 5 adds output-capturing hooks the
-        first time output_hidden_states is used; they change nothing the judge reads)."""
-        return any(not str(getattr(h, "__module__", "")).startswith("transformers.")
-                   for b in self.model.layers for h in (*b._forward_hooks.values(), *b._forward_pre_hooks.values()))
+        return bool(block_hooks(self.model.layers))
 
     def score_prompts(self, prompts: Sequence[str], progress: Progress | None = None,
                       task: str = "judge") -> list[float | None]:
