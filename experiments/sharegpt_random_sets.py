@@ -15,7 +15,6 @@ same ≥ 16-token reply filter as `sharegpt_screen.py`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -23,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.csv as pacsv
 from sharegpt_screen import GROUP, MIN_ANSWER_TOKENS, TRAITS, VECTORS, select
+from sharegpt_sets import selection_args, write_set
 
 import personavec as pv
 from personavec.controls import random_like
-from personavec.io import write_json, write_text
+from personavec.io import write_json
 from personavec.screen import screen
 
 OUT = Path("experiments/out/sharegpt_screen")
@@ -34,12 +34,7 @@ SEED0 = 100
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/personavec-sharegpt-sets"))
-    ap.add_argument("--import-dir", type=Path, default=Path("/tmp/sharegpt_work"))
-    ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--max-chars", type=int, default=2000)
-    args = ap.parse_args()
+    args = selection_args(__doc__).parse_args()
     t0 = time.time()
     _, short = select(args.import_dir, args.n, args.max_chars)
     by_id = {r["id"]: r for r in short}
@@ -67,8 +62,7 @@ def main() -> None:
             "overlap_with_trait_top": len(set(top) & set(own["top"])),
             "overlap_with_trait_random": len(set(top) & set(own["random"])),
             "median_reply_tokens": float(np.median([table["answer_tokens"][ids.index(i)] for i in top]))}
-        write_text(args.work / trait / "rdtop.jsonl",
-                   "".join(json.dumps(by_id[i], ensure_ascii=False) + "\n" for i in top))
+        write_set(args.work / trait / "rdtop.jsonl", [by_id[i] for i in top])
         print(f"{trait}: random direction's top {GROUP} written; {summary['traits'][trait]}", flush=True)
     write_json(OUT / "random_direction_groups.json", groups)
     write_json(OUT / "random_direction_summary.json", summary)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from sharegpt_screen import TRAITS, select
 
@@ -23,13 +24,23 @@ from personavec.io import write_text
 GROUPS = Path("experiments/out/sharegpt_screen")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def selection_args(doc: str | None) -> argparse.ArgumentParser:
+    """The options that rebuild the screen's selection and say where the sets go (shared with the
+    random-direction sets, which must come from the same selection)."""
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/personavec-sharegpt-sets"))
     ap.add_argument("--import-dir", type=Path, default=Path("/tmp/sharegpt_work"))
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--max-chars", type=int, default=2000)
-    args = ap.parse_args()
+    return ap
+
+
+def write_set(path: Path, rows: list[dict[str, Any]]) -> None:
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def main() -> None:
+    args = selection_args(__doc__).parse_args()
     _, short = select(args.import_dir, args.n, args.max_chars)
     by_id = {r["id"]: r for r in short}
     for trait in TRAITS:
@@ -39,8 +50,7 @@ def main() -> None:
             if missing:
                 raise SystemExit(f"{len(missing)} ids of {trait}/{name} are not in the selection (first: {missing[0]}); "
                                  "rerun with the screen's --n and --max-chars")
-            write_text(args.work / trait / f"{name}.jsonl",
-                       "".join(json.dumps(by_id[i], ensure_ascii=False) + "\n" for i in ids))
+            write_set(args.work / trait / f"{name}.jsonl", [by_id[i] for i in ids])
             print(f"{trait}/{name}: {len(ids)} conversations", flush=True)
 
 
