@@ -5,7 +5,7 @@ Figures are embedded PNGs (the helpers of `report.html` and `report.plots`); not
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
@@ -60,12 +60,17 @@ def _ci(i: Interval, digits: int = 3) -> str:
     return escape(i.text(digits)) + f" <span class=\"note\">(n = {i.n})</span>"
 
 
-def _share(i: Interval) -> str:
-    """An accuracy (a share, no sign) with its interval."""
+def _mapped(i: Interval, f: Callable[[float], float], fmt: str, unit: str = "") -> str:
+    """`i` with `f` applied to its mean and bounds (an interval on a log scale shown as a ratio, say)."""
     if i.mean is None:
         return "–"
-    ci = "" if i.low is None or i.high is None else f" [{i.low:.2f}, {i.high:.2f}]"
-    return f"{i.mean:.2f}{ci} <span class=\"note\">(n = {i.n})</span>"
+    ci = "" if i.low is None or i.high is None else f" [{f(i.low):{fmt}}, {f(i.high):{fmt}}]"
+    return f"{f(i.mean):{fmt}}{unit}{ci} <span class=\"note\">(n = {i.n})</span>"
+
+
+def _share(i: Interval) -> str:
+    """An accuracy (a share, no sign) with its interval."""
+    return _mapped(i, float, ".2f")
 
 
 def extraction_section(res: ExtractionResult) -> str:
@@ -120,10 +125,8 @@ def steering_section(res: SteeringResult, folder: Path) -> str:
 
 
 def _ratio(i: Interval) -> str:
-    if i.mean is None:
-        return "–"
-    ci = "" if i.low is None or i.high is None else f" [{math.exp(i.low):.3f}, {math.exp(i.high):.3f}]"
-    return f"{math.exp(i.mean):.3f}×{ci} <span class=\"note\">(n = {i.n})</span>"
+    """A mean log ratio shown as a ratio with its interval."""
+    return _mapped(i, math.exp, ".3f", "×")
 
 
 def capability_section(res: CapabilityResult) -> str:
