@@ -18,7 +18,7 @@ from personavec.reproduce import pipeline as pipeline_mod
 from personavec.reproduce.context import Context
 from personavec.reproduce.steering import heldout
 
-SECTIONS = ("extract", "sweep", "capability", "monitor", "finetune", "screen")
+SECTIONS = ("extract", "sweep", "capability", "monitor", "finetune", "screen", "sharegpt")
 #: The authored finetuning sets (in the repository, not in the wheel): the smoke preset trains on 16 rows of each.
 DATA = Path(__file__).resolve().parents[1] / "experiments" / "data" / "finetune_authored"
 
@@ -30,7 +30,8 @@ def test_overrides_are_typed_and_checked() -> None:
     assert s.sweep.selection_controls is True and s.traits == ("evil",)
     assert preset("cpu").sweep.layers == (10, 14, 18, 22)  # the preset itself is untouched
     for bad, needle in (("sweep.nope=1", "unknown setting 'sweep.nope'"), ("sweep.layers=x", "expected int"),
-                        ("preset=paper", "unknown setting 'preset'"), ("seed", "key=value")):
+                        ("preset=paper", "'preset' belongs to the preset"),
+                        ("requires_judge=false", "'requires_judge' belongs to the preset"), ("seed", "key=value")):
         with pytest.raises(pv.PersonavecError, match=needle):
             with_overrides(preset("smoke"), [bad])
     with pytest.raises(pv.PersonavecError, match="needs a judge"):
@@ -83,17 +84,17 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
     with pytest.raises(RuntimeError, match="on purpose"):
         reproduce(model, settings, out)
     first = json.loads((out / "manifest.json").read_text())["stages"]
-    assert [first[s]["status"] for s in SECTIONS] == ["done", "done", "done", "failed", "pending", "pending"]
+    assert [first[s]["status"] for s in SECTIONS] == ["done", "done", "done", "failed"] + ["pending"] * 3
     assert "interrupted on purpose" in first["monitor"]["reason"]
 
     resumed = reproduce(model, settings, out)  # the monitor stage runs again; nothing before it does
-    assert resumed.ran == ["monitor", "finetune", "screen"] and calls["monitor"] == 2
+    assert resumed.ran == ["monitor", "finetune", "screen", "sharegpt"] and calls["monitor"] == 2
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     for name in ("extract", "sweep", "capability"):
         assert stages[name] == first[name]  # same attempt count and timings: not redone
     assert stages["monitor"]["status"] == "done" and stages["monitor"]["attempts"] == 2
     assert stages["finetune"]["status"] == "done"
-    assert stages["screen"]["status"] == "done"
+    assert stages["screen"]["status"] == "done" and stages["sharegpt"]["status"] == "done"
 
     # per-item values beside the report, consistent with the library's own run folders
     sweep = json.loads((out / "sweep.json").read_text())["traits"]["evil"]
@@ -124,6 +125,12 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
     ii_dp = next(lv["values"] for lv in sc["levels"] if lv["set"] == "II")
     assert sc["auc"] == pytest.approx(sum((a > b) + 0.5 * (a == b) for a in ii_dp for b in normal_dp)
                                       / (len(ii_dp) * len(normal_dp)))
+    share = json.loads((out / "sharegpt.json").read_text())
+    sg = share["traits"]["evil"]
+    assert share["n_screened"] == settings.screen.sharegpt_n and len(sg["values"]) == len(share["ids"])
+    assert [f["delta_p"] for f in sg["top"]] == sorted(sg["values"], reverse=True)[: settings.screen.sharegpt_top]
+    assert all(f["answer_tokens"] >= settings.screen.min_answer_tokens and f["assistant"] for f in sg["top"])
+    assert 0 <= sg["random_overlap"] <= share["top_k"] and sg["layer"] == layer
 
     page = (out / "report.html").read_text()
     for name in SECTIONS:
@@ -133,7 +140,7 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
     targets = json.loads((out / "targets.json").read_text())
     assert {t["stage"] for t in targets} == {"sweep", "capability", "monitor", "finetune", "screen"}
     for stage in ("finetune", "screen"):  # the vaccine and ShareGPT parts are not run, and say so
-        assert [t["met"] for t in targets if t["stage"] == stage and "not run in v1" in t["value"]] == [None]
+        assert [t["met"] for t in targets if t["stage"] == stage and "not run by reproduce yet" in t["value"]] == [None]
     assert all(isinstance(t["met"], bool) for t in targets if t["stage"] in ("sweep", "capability"))
 
     # the command line on the finished folder: nothing to redo; other settings are refused, not mixed

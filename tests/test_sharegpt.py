@@ -84,6 +84,11 @@ def test_real_sharegpt_wheel(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "en.jsonl").read_text().splitlines()]
     assert s.written == len(rows) == 40 and s.read >= 40
     assert all(len(r["messages"]) == 2 and r["messages"][0]["role"] == "user" for r in rows)
+    short = import_sharegpt(tmp_path / "short.jsonl", language="en", limit=10, max_chars=300)
+    kept = [json.loads(line) for line in (tmp_path / "short.jsonl").read_text().splitlines()]
+    assert short.written == len(kept) == 10
+    assert all(sum(len(m["content"]) for m in r["messages"]) <= 300 for r in kept)
+    assert short.rejected.get("longer than 300 characters", 0) > 0  # real chats are often longer
 
 
 def test_cli_import_and_bad_inputs(cli: Cli, tmp_path: Path) -> None:
@@ -97,7 +102,8 @@ def test_cli_import_and_bad_inputs(cli: Cli, tmp_path: Path) -> None:
     assert "wrote 1" in ok.stdout.replace("\n", " ")
     for args, needle in ((["--source", str(tmp_path / "nope.json")], "does not exist"),
                          (["--source", str(src), "--turns", "some"], "--turns"),
-                         (["--source", str(src), "--limit", "0"], "--limit")):
+                         (["--source", str(src), "--limit", "0"], "--limit"),
+                         (["--source", str(src), "--max-chars", "0"], "--max-chars")):
         bad = run(*args, "--out", str(tmp_path / "x.jsonl"), ok=False)
         assert error_line(bad).count(needle) == 1
     assert not (tmp_path / "x.jsonl").exists()

@@ -37,8 +37,17 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def open_run(run_dir: str | Path, kind: str, settings: dict[str, Any]) -> Path:
-    """Create or reopen a run folder. Reopening with different settings is refused: results would mix."""
+def _differences(new: Any, old: Any, prefix: str = "") -> list[str]:
+    """The dotted keys where two settings structures differ (nested dicts compared key by key)."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return [d for k in sorted(set(new) | set(old), key=str)
+                for d in _differences(new.get(k), old.get(k), f"{prefix}{k}.")]
+    return [] if new == old else [prefix.rstrip(".")]
+
+
+def open_run(run_dir: str | Path, kind: str, settings: dict[str, Any], option: str = "--run-dir") -> Path:
+    """Create or reopen a run folder. Reopening with different settings is refused: results would mix.
+    `option` is the command-line option that names the folder, for the one-line error."""
     folder = Path(run_dir)
     manifest = folder / "manifest.json"
     key = settings_hash(settings)
@@ -48,10 +57,10 @@ def open_run(run_dir: str | Path, kind: str, settings: dict[str, Any]) -> Path:
         except json.JSONDecodeError:
             raise RunError(f"{manifest} is corrupt; remove the run folder {folder} to start over") from None
         if old.get("kind") != kind or old.get("settings_hash") != key:
-            changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
-                             if settings.get(k) != old.get("settings", {}).get(k))
+            changed = _differences(settings, old.get("settings", {}))
             raise RunError(f"run folder {folder} belongs to another {old.get('kind', 'run')} "
-                           f"(differs in: {', '.join(changed) or 'kind'}); use another --run-dir or the same settings")
+                           f"(differs in: {', '.join(changed[:6]) or 'kind'}); use another {option} or the same "
+                           "settings")
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     write_json(manifest, {"kind": kind, "settings": settings, "settings_hash": key, "versions": versions(),

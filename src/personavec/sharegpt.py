@@ -158,14 +158,18 @@ def default_source() -> Path:
 
 
 def import_sharegpt(out: str | Path, source: str | Path | None = None, *, turns: str = "first",
-                    language: str | None = None, limit: int | None = None,
+                    language: str | None = None, limit: int | None = None, max_chars: int | None = None,
                     progress: Progress = no_progress) -> ImportSummary:
     """Convert ShareGPT records to conversation JSONL at `out` (atomically), rejects with reasons at
-    `out`.rejected.jsonl; stop after `limit` written rows. The source is never modified."""
+    `out`.rejected.jsonl; stop after `limit` written rows. `max_chars` rejects conversations whose turns hold
+    more characters in all (a CPU screens long ones slowly; the bias toward short chats is the caller's to
+    state). The source is never modified."""
     if turns not in TURNS:
         raise PersonavecError(f"--turns must be one of {', '.join(TURNS)}, got '{turns}'")
     if limit is not None and limit < 1:
         raise PersonavecError("--limit must be at least 1")
+    if max_chars is not None and max_chars < 1:
+        raise PersonavecError("--max-chars must be at least 1")
     src = Path(source) if source is not None else default_source()
     if not src.is_file():
         raise PersonavecError(f"ShareGPT file '{src}' does not exist")
@@ -182,6 +186,8 @@ def import_sharegpt(out: str | Path, source: str | Path | None = None, *, turns:
         for record in reader:
             summary.read += 1
             row, reason = convert(record, turns)
+            if row is not None and max_chars is not None and sum(len(m["content"]) for m in row["messages"]) > max_chars:
+                row, reason = None, f"longer than {max_chars} characters"
             if row is not None and lang is not None:
                 found = lang(row["messages"][0]["content"] + "\n" + row["messages"][-1]["content"])
                 if found != language:

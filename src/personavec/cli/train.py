@@ -209,6 +209,8 @@ def import_sharegpt_cmd(
     turns: Annotated[str, typer.Option(help="first (first human turn + reply) | all (every turn)")] = "first",
     language: Annotated[str | None, typer.Option(help="Keep only this language (ISO code, e.g. en; langdetect).")] = None,
     limit: Annotated[int | None, typer.Option(help="Stop after N written conversations.")] = None,
+    max_chars: Annotated[int | None, typer.Option(help="Reject conversations longer than N characters in all "
+                                                  "(short chats screen faster on a CPU).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Real ShareGPT chat logs as conversation JSONL for `screen` and `train`; the file is read incrementally
@@ -216,7 +218,8 @@ def import_sharegpt_cmd(
     from ..sharegpt import import_sharegpt
 
     with progress_bars() as cb:
-        summary = import_sharegpt(out_path, source, turns=turns, language=language, limit=limit, progress=cb)
+        summary = import_sharegpt(out_path, source, turns=turns, language=language, limit=limit,
+                                   max_chars=max_chars, progress=cb)
     if as_json:
         emit_json(summary)
         return

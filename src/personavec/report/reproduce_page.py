@@ -20,14 +20,15 @@ from ..reproduce.monitoring import MonitorResult
 from ..reproduce.records import Interval, Target
 from ..reproduce.screening import ScreenResult
 from ..reproduce.settings import ReproduceSettings, flatten
+from ..reproduce.sharegpt import ShareGPTResult
 from ..reproduce.steering import SteeringResult
 from .html import _CSS, LAYER_CONVENTION, _img, _kv_table, read_cells
 from .plots import metric_vs_coef
-from .reproduce_plots import rise_bars
+from .reproduce_plots import delta_p_histogram, rise_bars
 
 TITLES = {"extract": "1. Extraction", "sweep": "2. Steering sweep with controls", "capability": "3. Capability at the "
           "chosen setting", "monitor": "4. Monitoring: projection vs trait", "finetune": "5. Finetuning",
-          "screen": "6. Screening"}
+          "screen": "6. Screening", "sharegpt": "7. Real chat logs: what ΔP flags in ShareGPT"}
 EXTRA_CSS = ".met{color:#1e7b34;font-weight:600}.missed{color:#b03a2e;font-weight:600}.notrun{color:#7a7f8a}" \
             ".reading{background:#f6f8f1;border-left:3px solid #8bb26a;padding:6px 10px}"
 
@@ -145,7 +146,7 @@ def capability_section(res: CapabilityResult) -> str:
     return (_table(["trait", "setting", "perplexity unsteered (geometric mean over texts)", "steered",
                     "ratio [95% CI over texts]", "quiz unsteered [CI]", "quiz steered [CI]",
                     "quiz change (paired) [CI]"], rows) + reading
-            + '<p class="note">MMLU through lm-evaluation-harness is not run in v1.</p>')
+            + '<p class="note">MMLU through lm-evaluation-harness is not run by reproduce yet.</p>')
 
 
 def monitor_section(res: MonitorResult, folder: Path) -> str:
@@ -197,8 +198,9 @@ def finetune_section(res: FinetuneResult) -> str:
             + "; ".join(f"{k} {t.change[k].text()}" for k in dict.fromkeys(r.set for r in t.runs))
             + " nats per token over the base model"
             + ("" if d is None else f", and the II set {d.text()} above the normal set, paired by seed") + "."))
-    return "".join(parts) + '<p class="note">Preventative steering, CAFT, the projection penalty and inference-time ' \
-        "steering (the vaccine comparison) are not run in v1.</p>"
+    return "".join(parts) + ('<p class="note">Preventative steering, CAFT, the projection penalty and '
+                              "inference-time steering (the vaccine comparison) are not run by reproduce yet "
+                              "(experiments/finetune_authored.py --vaccine runs them).</p>")
 
 
 def screen_section(res: ScreenResult) -> str:
@@ -213,8 +215,32 @@ def screen_section(res: ScreenResult) -> str:
             f"Before any training, the projection difference ranks a random {name} (II) answer above a random "
             f"normal one {t.auc:.0%} of the time, and the mean ΔP of a set "
             + ("rises" if t.ordered else "does not rise") + " with every step of its share of II rows."))
-    return "".join(parts) + '<p class="note">The ShareGPT screen (top-flagged real conversations per trait) is ' \
-        "not run in v1.</p>"
+    return "".join(parts)
+
+
+def sharegpt_section(res: ShareGPTResult) -> str:
+    parts = [f"<p>{res.n_screened} English ShareGPT conversations (first turn + reply, at most {res.max_chars} "
+             f"characters: short chats only), {res.n_counted} with replies of at least {res.min_answer_tokens} "
+             f"tokens counted. Control: a random direction of each vector's norm at the same layer.</p>"]
+    for name, t in res.traits.items():
+        png = delta_p_histogram(t.values, [f.delta_p for f in t.top], title=f"{name}, layer {t.layer}")
+        cross = ", ".join(f"{escape(o)} {n}" for o, n in t.cross_overlap.items()) or "–"
+        parts.append(f"<h3>{escape(name)}: ΔP at layer {t.layer}</h3>" + _img(png, f"{name} ΔP histogram", "ΔP of every counted conversation; the top-flagged "
+                                                                 "ones are marked in red under the axis.")
+                     + f"<p>mean ΔP {_ci(t.delta_p, 2)}, sd {t.sd:.2f}, 95th percentile {t.p95:.2f}; "
+                       f"r(ΔP, reply tokens) {escape(t.r_length.text())}. Of the top {res.top_k}: "
+                       f"{t.random_overlap} also in the random direction's top {res.top_k} (chance "
+                       f"{t.chance_overlap:.1f}); shared with the other traits' top {res.top_k}: {cross}.</p>")
+        rows = [[str(k), f"{f.delta_p:.2f}", escape(f.id), str(f.answer_tokens), escape(f.user), escape(f.assistant)]
+                for k, f in enumerate(t.top, 1)]
+        parts.append(_table(["rank", "ΔP", "id", "reply tokens", "user (trimmed)", "assistant (trimmed)"], rows))
+        parts.append(_reading(
+            f"These are the real conversations whose reply projects furthest beyond what the model itself would "
+            f"answer along the {name} vector; whether they show the trait is for a reader to judge. "
+            + ("The random direction flags mostly other conversations."
+               if t.random_overlap <= max(2 * t.chance_overlap, 1) else
+               "The random direction flags many of the same ones: the ranking is partly not about the trait.")))
+    return "".join(parts)
 
 
 def _status(record: Mapping[str, Any]) -> str:
@@ -246,7 +272,8 @@ def render_page(folder: Path, settings: ReproduceSettings, manifest: Mapping[str
                 "<h2>Targets</h2>" + targets_table(targets)]
     renderers = {"extract": lambda r: extraction_section(r), "sweep": lambda r: steering_section(r, folder),
                  "capability": lambda r: capability_section(r), "monitor": lambda r: monitor_section(r, folder),
-                 "finetune": lambda r: finetune_section(r), "screen": lambda r: screen_section(r)}
+                 "finetune": lambda r: finetune_section(r), "screen": lambda r: screen_section(r),
+                 "sharegpt": lambda r: sharegpt_section(r)}
     for name, title_ in TITLES.items():
         record = manifest.get("stages", {}).get(name, {})
         stage_settings = {k.partition(".")[2]: v for k, v in flat.items() if k.startswith(f"{name}.")}

@@ -26,3 +26,17 @@ def rise_bars(labels: Sequence[str], means: Sequence[float], lows: Sequence[floa
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     return _png(fig)
+
+
+def delta_p_histogram(values: Sequence[float], marks: Sequence[float], *, title: str) -> bytes:
+    """The ΔP distribution of screened samples, with the top-flagged ones' values marked under the axis."""
+    fig = Figure(figsize=(4.6, 3.0), layout="constrained")
+    ax = fig.add_subplot()
+    ax.hist(values, bins=40, color="#7f8c9a")
+    ax.plot(marks, [0.0] * len(marks), "|", color="#c0392b", markersize=12, label="top-flagged")
+    ax.set_xlabel("ΔP (fast mode)", fontsize=8)
+    ax.set_ylabel("conversations", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _png(fig)

@@ -32,7 +32,8 @@ class StageRecord:
 def open_folder(out: str | Path, settings: ReproduceSettings, model_id: str, fingerprint: str,
                 stages: list[str]) -> Path:
     """Create or reopen the run folder; the stage table starts with every stage pending."""
-    folder = open_run(out, KIND, {"settings": as_dict(settings), "model_id": model_id, "fingerprint": fingerprint})
+    folder = open_run(out, KIND, {"settings": as_dict(settings), "model_id": model_id, "fingerprint": fingerprint},
+                      option="--out")
     manifest = read(folder)
     table = manifest.setdefault("stages", {})
     for name in stages:

@@ -24,6 +24,7 @@ from .monitoring import MonitorResult, run_monitoring
 from .records import Target, load_as, to_json
 from .screening import ScreenResult, run_screening
 from .settings import ReproduceSettings
+from .sharegpt import ShareGPTResult, run_sharegpt
 from .steering import SteeringResult, run_steering
 from .targets import all_targets
 
@@ -33,10 +34,10 @@ if TYPE_CHECKING:
 #: Stage name → function, in run order. Looked up at run time (tests replace an entry to interrupt a run).
 STAGES: dict[str, Callable[[Context], Any]] = {
     "extract": run_extraction, "sweep": run_steering, "capability": run_capability, "monitor": run_monitoring,
-    "finetune": run_finetuning, "screen": run_screening}
+    "finetune": run_finetuning, "screen": run_screening, "sharegpt": run_sharegpt}
 RESULTS: dict[str, type] = {"extract": ExtractionResult, "sweep": SteeringResult, "capability": CapabilityResult,
                             "monitor": MonitorResult, "finetune": FinetuneResult,
-                            "screen": ScreenResult}
+                            "screen": ScreenResult, "sharegpt": ShareGPTResult}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from .settings import (
     FinetuneStage,
     MonitorStage,
     ReproduceSettings,
+    ScreenStage,
     SweepStage,
     flatten,
 )
@@ -26,6 +27,7 @@ SMOKE = ReproduceSettings(
     monitor=MonitorStage(n_questions=2, conditions=("graded",), shots=(), rollouts=1, max_new_tokens=6),
     finetune=FinetuneStage(sets=("normal", "II"), seeds=(0,), batch_size=4, max_length=96, max_steps=1,
                            max_rows=16, n_questions=2),
+    screen=ScreenStage(sharegpt_n=12, sharegpt_max_chars=800, sharegpt_top=3),
 )
 
 #: Two CPU cores, under an hour (an estimate until a committed run measures it): three traits, half-size budgets.
@@ -38,6 +40,7 @@ CPU = ReproduceSettings(
     monitor=MonitorStage(n_questions=10, conditions=("graded", "many_shot"), shots=(0, 5, 10), rollouts=1,
                          max_new_tokens=16),
     finetune=FinetuneStage(sets=("normal", "II"), seeds=(0, 1), epochs=2.0, max_rows=160, n_questions=None),
+    screen=ScreenStage(sharegpt_n=2000),
 )
 
 #: The paper's settings for 7–8B chat models (Chen et al. 2025): 5 pairs × 20 questions × 10 rollouts, a 0–100

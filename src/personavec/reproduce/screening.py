@@ -5,8 +5,8 @@ On the authored sets of `--data` (the ones the finetuning stage trains on), per 
 II rows against the normal rows, with a 95% bootstrap interval that resamples whole questions (a question's
 normal and II answers are not independent); and at dataset level the mean ΔP of each set with a known
 contamination (normal, the 25/50/75% mixtures, II), which should rise with the share of trait rows. The share is
-counted from the rows actually screened (their ids in the II set), not assumed from the file name. The ShareGPT
-top-flagged conversations are not run in v1."""
+counted from the rows actually screened (their ids in the II set), not assumed from the file name. Real chat
+logs are the next stage's (`sharegpt`)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def run_screening(ctx: Context) -> ScreenResult | NotRun:
     data = ctx.settings.data
     if data is None:
         return NotRun(SKIPPED, "no --data folder of authored sets (<trait>/normal.jsonl, II.jsonl and the "
-                               "mixtures); the ShareGPT top-flagged samples are not run in v1")
+                               "mixtures)")
     lacking = missing_sets(ctx, Path(data), ("normal", "II"))
     if lacking:
         return lacking

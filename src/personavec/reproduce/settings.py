@@ -84,10 +84,13 @@ class FinetuneStage:
 
 @dataclass(frozen=True)
 class ScreenStage:
-    """ΔP screening of the authored sets of `--data` (rows: finetune.max_rows); the ShareGPT part is not run in v1."""
+    """ΔP screening of the authored sets of `--data` (rows: finetune.max_rows), and of real ShareGPT chats."""
 
     auc_target: float = 0.85  # target: sample-level ROC AUC of ΔP, II rows vs normal rows
-    sharegpt_n: int = 10_000  # conversations for the ShareGPT screen (not run in v1)
+    sharegpt_n: int = 10_000  # English ShareGPT conversations screened (0: skip that stage)
+    sharegpt_max_chars: int = 2000  # longer conversations are left out (a CPU screens short ones fast)
+    sharegpt_top: int = 20  # top-flagged conversations shown per trait
+    min_answer_tokens: int = 16  # shorter replies are not counted (their response mean is noise)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class ReproduceSettings:
             raise PersonavecError("sweep.coefs must be positive strengths (the report compares −c with +c)")
         if not self.sweep.random_seeds:
             raise PersonavecError("sweep.random_seeds needs at least one seed: the random direction is the control")
+        if self.screen.sharegpt_n < 0 or self.screen.sharegpt_top < 1:
+            raise PersonavecError("screen.sharegpt_n must be 0 (skip) or more and screen.sharegpt_top at least 1")
         for name in ("n_select", "n_report"):
             v = getattr(self.sweep, name)
             if v is not None and v < 2:
@@ -162,6 +167,10 @@ def _parse(text: str, kind: Any, key: str) -> Any:
         raise PersonavecError(f"--set {key}={text}: expected {getattr(kind, '__name__', kind)}") from None
 
 
+#: What a preset is, not a setting of it: the paper preset's judge requirement is not switched off by --set.
+LOCKED = ("preset", "requires_judge")
+
+
 def with_overrides(settings: ReproduceSettings, pairs: typing.Iterable[str]) -> ReproduceSettings:
     """`settings` with each 'key=value' applied (dotted keys for stage settings); unknown keys refused."""
     known = flatten(settings)
@@ -170,7 +179,9 @@ def with_overrides(settings: ReproduceSettings, pairs: typing.Iterable[str]) -> 
         key = key.strip()
         if not sep:
             raise PersonavecError(f"--set takes key=value, got '{pair}'")
-        if key not in known or key == "preset":
+        if key in LOCKED:
+            raise PersonavecError(f"'{key}' belongs to the preset and cannot be set; choose another --preset")
+        if key not in known:
             raise PersonavecError(f"unknown setting '{key}'; see personavec reproduce --show-preset "
                                   f"{settings.preset} for every key")
         settings = _set(settings, key.split("."), text, key)

@@ -250,7 +250,7 @@ def train(model: Model, data: str | Path, out: str | Path, settings: TrainSettin
         # The main process creates (or checks) the run folder; the others only check what it wrote.
         if not main and not (Path(out) / "manifest.json").is_file():
             raise PersonavecError(f"the main process did not create the run folder {out}; see its error")
-        folder = open_run(out, "train", manifest)
+        folder = open_run(out, "train", manifest, option="--out")
     if all((folder / f).exists() for f in ADAPTER_FILES) and (folder / "train_summary.json").exists():
         raise PersonavecError(f"{folder} already holds a finished adapter; use another --out to train again")
 
