@@ -57,6 +57,8 @@ def test_cli_refuses_bad_settings_in_one_line(cli: Cli, tmp_path: Path) -> None:
                       "unknown setting 'sweep.bogus'")
     assert_user_error(cli("reproduce", "--preset", "paper", "--out", out, ok=False), "needs a judge")
     assert_user_error(cli("reproduce", "--preset", "smoke", ok=False), "--out is required")
+    assert_user_error(cli("reproduce", "--preset", "smoke", "--tensor-parallel-size", "2", "--out", out, ok=False),
+                      "--tensor-parallel-size applies to the vllm engine")
     assert not Path(out).exists()
     shown = cli("reproduce", "--show-preset", "paper", "--set", "sweep.coefs=0.5,2.5")
     keys = [line.split(" = ")[0] for line in shown.stdout.splitlines()]

@@ -16,6 +16,7 @@ from ._common import (
     JsonOpt,
     LayersPathOpt,
     ModelOpt,
+    TensorParallelOpt,
     emit_json,
     load,
     out,
@@ -40,7 +41,7 @@ def reproduce_cmd(
     show_preset: Annotated[str | None, typer.Option("--show-preset", help="Print every value of a preset (with "
                                                     "--set overrides applied) and exit.")] = None,
     model: ModelOpt = None,
-    engine: EngineOpt = "hf",
+    engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -63,10 +64,10 @@ def reproduce_cmd(
     settings.validate()
     from ..engines import check_engine
 
-    check_engine(settings.engine)
+    check_engine(settings.engine, tensor_parallel_size)
     m = load(settings.model, device, dtype, layers_path)
     with progress_bars() as cb:
-        result = reproduce(m, settings, out_dir, progress=cb)
+        result = reproduce(m, settings, out_dir, tensor_parallel_size=tensor_parallel_size, progress=cb)
     if as_json:
         emit_json({"run_dir": result.folder, "report": result.report, "ran": result.ran,
                    "stages": result.stages, "targets": result.targets})

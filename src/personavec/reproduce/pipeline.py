@@ -49,14 +49,15 @@ class ReproduceResult:
     ran: list[str]  # stages computed by this call (the others were done before, or are not run)
 
 
-def reproduce(model: Model, settings: ReproduceSettings, out: str | Path, *,
+def reproduce(model: Model, settings: ReproduceSettings, out: str | Path, *, tensor_parallel_size: int = 1,
               progress: Progress = no_progress) -> ReproduceResult:
-    """Run (or resume) every stage of `settings` on `model` into the run folder `out`."""
+    """Run (or resume) every stage of `settings` on `model` into the run folder `out`. `tensor_parallel_size`
+    (vllm engine) is where the run happens, not what it computes, so it is not a setting of the folder."""
     settings.validate()
     traits = {n: load_trait(n) for n in settings.traits}
-    check_engine(settings.engine)
+    check_engine(settings.engine, tensor_parallel_size)
     folder = manifest.open_folder(out, settings, model.model_id, model.fingerprint, list(STAGES))
-    with open_engine(model, settings.engine) as engine:
+    with open_engine(model, settings.engine, tensor_parallel_size) as engine:
         ctx = Context(model=model, settings=settings, folder=folder, traits=traits, progress=progress, engine=engine)
         ran = run_stages(ctx)
     targets = all_targets(settings, ctx.results)
