@@ -101,7 +101,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result.update(seconds=secs, samples_per_s=args.n / secs, ratio_vs_baseline=args.n / secs / baseline,
                   peak_rss_mb=peak_rss_mb(), peak_rss_mb_before_screen=rss_before,
-                  scored=single.summary["scored"], rejected=single.summary["rejected"])
+                  scored=single.summary.scored, rejected=single.summary.rejected)
     if args.ray:
         import numpy as np
         import pyarrow.csv as pacsv

@@ -238,7 +238,7 @@ def dp_control(bench: Bench, sets: list[str], work: Path, out: Path) -> None:
             continue
         res = screen(bench.base, bench.data / bench.trait / f"{name}.jsonl", randoms,
                      work / f"{bench.trait}_{name}_dp_random.csv", fast=True, histograms=False)
-        have.setdefault(bench.trait, {})[name] = [res.summary["traits"][k]["delta_p"]["mean"] for k in randoms]
+        have.setdefault(bench.trait, {})[name] = [res.summary.traits[k].delta_p["mean"] for k in randoms]
         print(f"{bench.trait} {name}: ΔP on random directions {have[bench.trait][name]}", flush=True)
         write_json(path, have)
 
@@ -305,7 +305,7 @@ def main() -> None:
             for name in args.sets.split(","):
                 res = screen(base, args.data / trait / f"{name}.jsonl", [bench.vec], args.work / f"{trait}_{name}_dp.csv",
                              fast=True, histograms=False)
-                dps[name] = res.summary["traits"][bench.vec.trait]["delta_p"]["mean"]
+                dps[name] = res.summary.traits[bench.vec.trait].delta_p["mean"]
                 for seed in seeds:
                     if (trait, name, "plain", seed) not in done:
                         run_one(bench, name, "plain", seed, args.work, runs_path, dps[name])

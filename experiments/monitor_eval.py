@@ -67,9 +67,10 @@ def run_trait(model: pv.Model, name: str, out: Path, settings: MonitorSettings, 
     result = monitor_eval(model, name, vec, settings=settings, run_dir=out / f"{name}.{tag}", progress=progress)
     if tag == "monitor":
         store_calibration(source, result, out / f"{name}.pv.safetensors")
-    return {"trait": name, "vector": how, "layer": result["layer"], "pearson": result["pearson"],
-            "pearson_levels": result["pearson_levels"], "calibration": result["calibration"],
-            "pearson_response_projection": result["pearson_response_projection"],
+    res = result.to_json()
+    return {"trait": name, "vector": how, "layer": res["layer"], "pearson": res["pearson"],
+            "pearson_levels": res["pearson_levels"], "calibration": res["calibration"],
+            "pearson_response_projection": res["pearson_response_projection"],
             "extract_seconds": round(t1 - t0), "monitor_seconds": round(time.time() - t1)}
 
 

@@ -70,7 +70,7 @@ def main() -> None:
         loaded = pv.load_trait(name)
         vec = pv.load_vector(VECTORS / f"{name}.pv.safetensors")
         res = monitor_eval(model, loaded, vec, settings=settings, run_dir=args.out / f"{name}.monitor",
-                           allow_mismatch=True)
+                           allow_mismatch=True).to_json()
         points = read_jsonl(args.out / f"{name}.monitor" / "points.jsonl")
         pts = [p for p in points if p.get("reference") is not None]
         x = [p["projection"] for p in pts]

@@ -153,14 +153,14 @@ def main() -> None:
         y = labels[idx]
         auc = roc_auc(dp[y == 1], dp[y == 0])
         low, high = auc_ci(dp, y, questions[idx])
-        r: dict[str, Any] = {"auc": auc, "auc_ci": [low, high], "rejected": res.summary["rejected"],
+        r: dict[str, Any] = {"auc": auc, "auc_ci": [low, high], "rejected": res.summary.rejected,
                              "auc_answer_projection_alone": roc_auc(answer[y == 1], answer[y == 0]),
                              "mean_normal": float(dp[y == 0].mean()), "mean_level2": float(dp[y == 1].mean()),
                              "seconds_labelled": round(time.time() - t, 1), "mixtures": []}
         log(f"[{mode}] sample-level ROC AUC (level2 vs normal) = {auc:.3f} [95% question bootstrap {low:.3f}, "
             f"{high:.3f}] (answer projection alone, no reference subtracted: "
             f"{r['auc_answer_projection_alone']:.3f}); mean ΔP normal "
-            f"{r['mean_normal']:.2f}, level2 {r['mean_level2']:.2f}; {res.summary['rejected']} rejected "
+            f"{r['mean_normal']:.2f}, level2 {r['mean_level2']:.2f}; {res.summary.rejected} rejected "
             f"({r['seconds_labelled']}s)")
         for frac in CONTAMINATION:
             name = f"mix{round(frac * 100):03d}"
@@ -170,7 +170,7 @@ def main() -> None:
                 mix({p: f for p, f in parts.items() if f > 0}, data, n=args.mixture_size, seed=1)
             m = screen(model, data, [vec], out / mode / f"{name}.csv", fast=mode == "fast", cache=cache,
                        max_new_tokens=64)
-            d = m.summary["traits"]["evil"]["delta_p"]
+            d = m.summary.traits["evil"].delta_p
             r["mixtures"].append({"contamination": frac, "n": d["n"], "mean": d["mean"], "ci_low": d["ci_low"],
                                   "ci_high": d["ci_high"]})
             log(f"[{mode}] {frac:4.0%} contaminated: mean ΔP {d['mean']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"

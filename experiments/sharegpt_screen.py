@@ -85,7 +85,7 @@ def main() -> None:
     ids = table["id"]
     by_id = {r["id"]: r for r in short}
     summary = {"n_english": len(rows), "n_screened": len(ids), "max_chars": args.max_chars,
-               "rejected": res.summary["rejected"],
+               "rejected": res.summary.rejected,
                "layers": {t: v.layer for t, v in vectors.items()}, "seconds": round(time.time() - t0),
                "traits": {}}
     md = [f"# ShareGPT screen: {len(ids)} English conversations (first turn + reply, ≤ {args.max_chars} characters, "

@@ -45,7 +45,7 @@ def run_trait(model: pv.Model, name: str, out: Path) -> dict:
     vec = pv.load_vector(vfile)
     choice = sweep(model, loaded, vec, coefs=[-4.0, -2.0, 0.0, 2.0, 4.0], settings=EvalSettings(n_questions=8, max_new_tokens=32,
                    n_reference=8), run_dir=out / f"{name}.sweep", vector_path=vfile)
-    layer = choice["best_layer"]
+    layer = choice.best_layer
     refs = reference_answers(model, held_out(loaded, 10), EvalSettings(), None)
     line = []
     for c in COEFS:
@@ -57,7 +57,7 @@ def run_trait(model: pv.Model, name: str, out: Path) -> dict:
               flush=True)
     rho = spearman([r["coef"] for r in line], [r["judge_free"] for r in line])
     base_ppl = next(r["perplexity"] for r in line if r["coef"] == 0)
-    return {"trait": name, "chosen_layer": layer, "choice": choice, "line": line, "spearman": rho,
+    return {"trait": name, "chosen_layer": layer, "choice": choice.to_json(), "line": line, "spearman": rho,
             "perplexity_at_0": base_ppl, "perplexity_at_-6": line[0]["perplexity"],
             "perplexity_at_+6": line[-1]["perplexity"], "seconds": round(time.time() - t0)}
 

@@ -184,8 +184,8 @@ def test_screen_full_mode_records_engine_and_keeps_hf_cache(model: pv.Model, vec
     common: dict[str, Any] = {"max_new_tokens": 4, "histograms": False, "cache": tmp_path / "c.sqlite"}
     res = screen(model, data, [vec], tmp_path / "s.csv", engine=stub, **common)  # type: ignore[arg-type]
     hf = screen(model, data, [vec], tmp_path / "h.csv", **common)
-    assert res.summary["engine"] == {"name": "stub", "tensor_parallel_size": 2} and stub.calls == 1
-    assert hf.summary["engine"] == {"name": "hf", "tensor_parallel_size": 1}
+    assert res.summary.engine == {"name": "stub", "tensor_parallel_size": 2} and stub.calls == 1
+    assert hf.summary.engine == {"name": "hf", "tensor_parallel_size": 1}
     assert (tmp_path / "s.csv").read_text() == (tmp_path / "h.csv").read_text()
     manifest = json.loads((tmp_path / "s.csv.run" / "manifest.json").read_text())
     assert manifest["settings"]["engine"]["name"] == "stub"

@@ -20,6 +20,7 @@ from personavec.errors import PersonavecError, RunError, TraitError, VectorError
 from personavec.likelihood import response_logprobs
 from personavec.monitor import (
     MonitorSettings,
+    MonitorSummary,
     best_threshold,
     calibrate,
     monitor_eval,
@@ -35,7 +36,7 @@ TINY = MonitorSettings(n_questions=1, max_new_tokens=4, shots=(0, 2), shot_token
 
 @pytest.fixture(scope="module")
 def tiny_run(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path],
-             tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, list[str]]:
+             tmp_path_factory: pytest.TempPathFactory) -> tuple[MonitorSummary, Path, list[str]]:
     vec, _ = evil_run
     folder = tmp_path_factory.mktemp("monitor") / "evil.monitor"
     tasks: list[str] = []
@@ -44,12 +45,12 @@ def tiny_run(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path],
     return result, folder, tasks
 
 
-def test_points_measures_and_outputs(tiny_run: tuple[dict, Path, list[str]], model: pv.Model) -> None:
+def test_points_measures_and_outputs(tiny_run: tuple[MonitorSummary, Path, list[str]], model: pv.Model) -> None:
     result, folder, tasks = tiny_run
     trait = load_trait("evil").trait
     points = [json.loads(line) for line in (folder / "points.jsonl").read_text().splitlines()]
-    assert len(points) == result["n_points"] == len(trait.graded_prompts) + 2  # 8 graded + 0- and 2-shot
-    layer = result["layer"]
+    assert len(points) == result.n_points == len(trait.graded_prompts) + 2  # 8 graded + 0- and 2-shot
+    layer = result.layer
     for p in points:
         assert p["question"] == trait.evaluation_questions[0]
         assert len(p["profile"]) == model.n_layers and p["projection"] == p["profile"][layer - 1]
@@ -64,11 +65,11 @@ def test_points_measures_and_outputs(tiny_run: tuple[dict, Path, list[str]], mod
         assert s["question"] in trait.extraction_questions and s["question"] not in trait.evaluation_questions
         assert s["system"] in [pair.positive for pair in trait.pairs]
     for measure in ("trait_score", "judge_free"):
-        assert set(result["pearson"][measure]) == {"overall", "graded", "many_shot"}
-        r = result["pearson"][measure]["graded"]
+        assert set(result.pearson[measure]) == {"overall", "graded", "many_shot"}
+        r = result.pearson[measure]["graded"]
         assert r is None or -1.0 <= r <= 1.0
-    assert len(result["levels"]) == 10 and len(result["layer_profile"]["trait_score"]["overall"]) == model.n_layers
-    meta = result["monitor_meta"]
+    assert len(result.levels) == 10 and len(result.layer_profile["trait_score"]["overall"]) == model.n_layers
+    meta = result.monitor_meta
     assert meta["layer"] == layer and meta["position"] == "last_prompt" and meta["judge"] == "contrast"
     for name in ("results.json", "results.csv", "monitor.png", "manifest.json", "reference.jsonl"):
         assert (folder / name).stat().st_size > 0
@@ -77,7 +78,7 @@ def test_points_measures_and_outputs(tiny_run: tuple[dict, Path, list[str]], mod
     assert "answers" in tasks and "points" in tasks
 
 
-def test_rerun_resumes_and_refuses_other_settings(tiny_run: tuple[dict, Path, list[str]], model: pv.Model,
+def test_rerun_resumes_and_refuses_other_settings(tiny_run: tuple[MonitorSummary, Path, list[str]], model: pv.Model,
                                                   evil_run: tuple[pv.PersonaVector, Path]) -> None:
     result, folder, _ = tiny_run
     vec, _ = evil_run
@@ -87,7 +88,7 @@ def test_rerun_resumes_and_refuses_other_settings(tiny_run: tuple[dict, Path, li
                          progress=lambda task, done, total: tasks.append(task))
     assert "answers" not in tasks and "shot examples" not in tasks and "references" not in tasks
     assert (folder / "points.jsonl").read_text() == lines
-    assert again["pearson"] == result["pearson"]
+    assert again.pearson == result.pearson
     with pytest.raises(RunError, match="max_new_tokens"):
         monitor_eval(model, "evil", vec, settings=MonitorSettings(n_questions=1, max_new_tokens=5, shots=(0, 2),
                                                                   shot_tokens=6, temperature=0.0), run_dir=folder)
@@ -127,10 +128,10 @@ def test_statistics() -> None:
     rows = [{"question_idx": q, "trait_scores": [1.0 if v > 0 else -1.0], "v": [v]}
             for q, v in enumerate([-3.0, -2.0, 2.5, 3.0, -1.0, 1.5])]
     cal = calibrate(rows, lambda r: r["v"], 0.0)
-    assert cal["balanced_accuracy"] == 1.0 and cal["heldout_balanced_accuracy"] == 1.0 and cal["n_expressing"] == 3
+    assert cal.balanced_accuracy == 1.0 and cal.heldout_balanced_accuracy == 1.0 and cal.n_expressing == 3
 
 
-def test_store_calibration(tiny_run: tuple[dict, Path, list[str]], evil_run: tuple[pv.PersonaVector, Path],
+def test_store_calibration(tiny_run: tuple[MonitorSummary, Path, list[str]], evil_run: tuple[pv.PersonaVector, Path],
                            tmp_path: Path) -> None:
     result, _, _ = tiny_run
     vec, _ = evil_run
@@ -139,7 +140,7 @@ def test_store_calibration(tiny_run: tuple[dict, Path, list[str]], evil_run: tup
     copy = store_calibration(src, result, tmp_path / "calibrated.pv.safetensors")
     assert src.read_bytes() == before  # the input is untouched when an output path is given
     meta = pv.load_vector(copy).meta["monitor"]
-    assert meta["layer"] == result["layer"] and meta["threshold"] == result["monitor_meta"]["threshold"]
+    assert meta["layer"] == result.layer and meta["threshold"] == result.monitor_meta["threshold"]
     store_calibration(src, result)  # in place, atomically
     assert pv.load_vector(src).meta["monitor"] == meta and not list(tmp_path.glob(".*.tmp"))
     other = vec.with_meta()
@@ -163,7 +164,7 @@ def test_bad_inputs(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path]) ->
         monitor_eval(model, "impolite", vec, settings=TINY)
 
 
-def test_cli_resumes_and_writes_threshold(cli: Cli, tiny_run: tuple[dict, Path, list[str]],
+def test_cli_resumes_and_writes_threshold(cli: Cli, tiny_run: tuple[MonitorSummary, Path, list[str]],
                                           evil_run: tuple[pv.PersonaVector, Path], tmp_path: Path) -> None:
     result, folder, _ = tiny_run
     vec, _ = evil_run
@@ -175,5 +176,5 @@ def test_cli_resumes_and_writes_threshold(cli: Cli, tiny_run: tuple[dict, Path, 
             "--write-threshold"]
     proc = cli(*args)
     assert "Pearson r" in proc.stdout and "flag threshold" in proc.stdout
-    assert pv.load_vector(path).meta["monitor"]["threshold"] == result["monitor_meta"]["threshold"]
+    assert pv.load_vector(path).meta["monitor"]["threshold"] == result.monitor_meta["threshold"]
     assert "rollouts 1" in error_line(cli(*args[:-1], "--rollouts", "2", ok=False))

@@ -112,6 +112,7 @@ def test_scores_columns_rejects_and_separation(single: dict[str, Any], mode: str
     for r in rejects:
         assert BAD[r["index"]][1] in r["reason"], r
     s = json.loads(res.summary_path.read_text())
+    assert s == json.loads(json.dumps(res.summary.to_json())) and "filtered" not in s
     assert s["rows"] == N_ROWS and s["scored"] == len(VALID) and s["rejected"] == len(BAD)
     d = s["traits"]["evil"]["delta_p"]
     assert d["ci_low"] < d["mean"] < d["ci_high"]
@@ -161,19 +162,19 @@ def test_calibration_flags_and_filtered_copy(model: pv.Model, vec: pv.PersonaVec
     filtered = work / "clean.jsonl"
     res = screen(model, work / "data.jsonl", [vec], work / "calibrated.csv", fast=True, chunk_size=CHUNK,
                  calibrate=ref, percentile=50, filtered_out=filtered)
-    ref_run = Path(res.summary["run_dir"]) / "reference" / "chunks.jsonl"
+    ref_run = Path(res.summary.run_dir) / "reference" / "chunks.jsonl"
     ref_dp = [row["evil_delta_p"] for rec in map(json.loads, ref_run.read_text().splitlines()) for row in rec["rows"]]
     thr = float(np.percentile(ref_dp, 50))
-    d = res.summary["traits"]["evil"]
-    assert d["threshold"] == pytest.approx(thr) and "percentile 50" in d["threshold_source"]
+    d = res.summary.traits["evil"]
+    assert d.threshold == pytest.approx(thr) and "percentile 50" in (d.threshold_source or "")
     scores = read_scores(res.scores)
     flags = [v > thr for v in scores["evil_delta_p"]]
-    assert scores["evil_flagged"] == flags and d["n_flagged"] == sum(flags)
+    assert scores["evil_flagged"] == flags and d.n_flagged == sum(flags)
     assert any(flags) and not all(flags)
     kept = {i for i, f in zip(scores["index"], flags, strict=True) if not f}
     lines = (work / "data.jsonl").read_text().splitlines(keepends=True)
     assert filtered.read_text() == "".join(lines[i] for i in sorted(kept))  # byte-identical rows, input order
-    assert res.summary["filtered"]["rows"] == len(kept)
+    assert res.summary.filtered is not None and res.summary.filtered.rows == len(kept)
 
 
 def test_parquet_in_and_out(model: pv.Model, vec: pv.PersonaVector, work: Path) -> None:

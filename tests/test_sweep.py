@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import largest_rise, visible_text
 
 import personavec as pv
 from personavec.errors import LayerError, PersonavecError
-from personavec.evaluate import Condition, EvalSettings, evaluate
+from personavec.evaluate import Cell, Condition, EvalSettings, evaluate
 from personavec.io import read_jsonl
 from personavec.report import write_report
 from personavec.sweep import choose, default_layers, sweep
@@ -26,14 +27,19 @@ def test_default_grid_is_sized_to_depth() -> None:
     assert all(1 <= x <= 80 for x in default_layers(80))
 
 
+def cell(layer: int, coef: float, trait_mean: float, coherence_mean: float | None = None,
+         judge_free_mean: float | None = None) -> Cell:
+    return Cell(layer=layer, coef=coef, n=3, trait_mean=trait_mean, trait_se=None, coherence_mean=coherence_mean,
+                coherence_se=None, judge_free_mean=judge_free_mean, judge_free_se=None, perplexity=None,
+                quiz_accuracy=None, coherence_source="fluency", cell=Condition(layer, coef).cell, control=None,
+                measure="contrast")
+
+
 def test_choose_respects_coherence() -> None:
-    cells = [{"layer": 5, "coef": 0.0, "trait_mean": 0.0, "coherence_mean": 80.0},
-             {"layer": 5, "coef": 2.0, "trait_mean": 0.5, "coherence_mean": 70.0},
-             {"layer": 9, "coef": 2.0, "trait_mean": 0.9, "coherence_mean": 20.0},
-             {"layer": 9, "coef": -2.0, "trait_mean": -0.9, "coherence_mean": 80.0}]
-    assert choose(cells, coherence_min=50)["best_layer"] == 5
-    assert choose(cells, coherence_min=10)["best_layer"] == 9
-    assert choose(cells, coherence_min=None)["coherence_threshold"] == 40.0
+    cells = [cell(5, 0.0, 0.0, 80.0), cell(5, 2.0, 0.5, 70.0), cell(9, 2.0, 0.9, 20.0), cell(9, -2.0, -0.9, 80.0)]
+    assert choose(cells, coherence_min=50).best_layer == 5
+    assert choose(cells, coherence_min=10).best_layer == 9
+    assert choose(cells, coherence_min=None).coherence_threshold == 40.0
     with pytest.raises(PersonavecError, match="no positive coefficient"):
         choose(cells, coherence_min=99)
 
@@ -41,15 +47,13 @@ def test_choose_respects_coherence() -> None:
 def test_choose_weighs_the_judge_free_measure() -> None:
     """Layer 9 moves the judge score a little more, layer 14 moves both readings: 14 wins; without
     judge-free values the judge score alone decides."""
-    cells = [{"layer": 9, "coef": 0.0, "trait_mean": 0.0, "judge_free_mean": 0.0},
-             {"layer": 9, "coef": 2.0, "trait_mean": 0.6, "judge_free_mean": -0.1},
-             {"layer": 14, "coef": 2.0, "trait_mean": 0.5, "judge_free_mean": 0.4},
-             {"layer": 14, "coef": -2.0, "trait_mean": -0.5, "judge_free_mean": -0.4}]
+    cells = [cell(9, 0.0, 0.0, judge_free_mean=0.0), cell(9, 2.0, 0.6, judge_free_mean=-0.1),
+             cell(14, 2.0, 0.5, judge_free_mean=0.4), cell(14, -2.0, -0.5, judge_free_mean=-0.4)]
     picked = choose(cells, coherence_min=None)
-    assert picked["best_layer"] == 14 and picked["judge_free_change"] == pytest.approx(0.4)
-    assert "judge-free" in picked["criterion"]
-    judge_only = [{k: v for k, v in c.items() if k != "judge_free_mean"} for c in cells]
-    assert choose(judge_only, coherence_min=None)["best_layer"] == 9
+    assert picked.best_layer == 14 and picked.judge_free_change == pytest.approx(0.4)
+    assert "judge-free" in picked.criterion
+    judge_only = [replace(c, judge_free_mean=None) for c in cells]
+    assert choose(judge_only, coherence_min=None).best_layer == 9
 
 
 @pytest.mark.slow
@@ -60,9 +64,9 @@ def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_run, tmp_path
     # condition and question in measure.jsonl, a summary per condition that names its measure
     cells = evaluate(model, "evil", vector=vec, conditions=[Condition(18, -4.0), Condition(18, 0.0), Condition(18, 4.0)],
                      settings=TINY, run_dir=tmp_path / "eval")
-    assert [c["coef"] for c in cells] == [-4.0, 0.0, 4.0]
-    assert all(c["n"] == 3 and c["measure"] == "reference" and c["judge_free_mean"] is None for c in cells)
-    assert cells[0]["trait_mean"] < cells[1]["trait_mean"] < cells[2]["trait_mean"]
+    assert [c.coef for c in cells] == [-4.0, 0.0, 4.0]
+    assert all(c.n == 3 and c.measure == "reference" and c.judge_free_mean is None for c in cells)
+    assert cells[0].trait_mean < cells[1].trait_mean < cells[2].trait_mean
     assert len(read_jsonl(tmp_path / "eval" / "answers.jsonl")) == 9
     assert len(read_jsonl(tmp_path / "eval" / "measure.jsonl")) == 9
     assert not (tmp_path / "eval" / "reference.jsonl").exists()  # nothing generated under the trait's prompts
@@ -70,9 +74,9 @@ def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_run, tmp_path
     ctrl = evaluate(model, "evil", vector=vec, conditions=[Condition(18, -4.0), Condition(18, 0.0), Condition(18, 4.0)],
                     judge="contrast", settings=TINY, run_dir=tmp_path / "eval_contrast",
                     controls={"random0": pv.random_like(vec, 0)})
-    assert [(c["control"], c["coef"]) for c in ctrl] == [(None, -4.0), (None, 0.0), (None, 4.0),
+    assert [(c.control, c.coef) for c in ctrl] == [(None, -4.0), (None, 0.0), (None, 4.0),
                                                          ("random0", -4.0), ("random0", 4.0)]
-    assert all(c["measure"] == "contrast" and c["judge_free_mean"] is not None for c in ctrl)
+    assert all(c.measure == "contrast" and c.judge_free_mean is not None for c in ctrl)
     assert len(read_jsonl(tmp_path / "eval_contrast" / "reference.jsonl")) == 8
     # sweep: tiny grid, choice written into the vector file, resumable without recomputation
     run = tmp_path / "sweep"
@@ -83,10 +87,10 @@ def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_run, tmp_path
     assert len(rows) == 6 and {r["layer"] for r in rows} == {"9", "18"}
     # which of the two layers wins, recomputed from cells.csv: the larger rise of the trait over coefficient 0
     best, rise = largest_rise(rows)
-    assert choice["best_layer"] == int(best["layer"]) and choice["best_coef"] == float(best["coef"]) == 2.0
-    assert choice["trait_change"] == pytest.approx(rise, abs=1e-5)
+    assert choice.best_layer == int(best["layer"]) and choice.best_coef == float(best["coef"]) == 2.0
+    assert choice.trait_change == pytest.approx(rise, abs=1e-5)
     reloaded = pv.load_vector(vfile)
-    assert reloaded.layer == choice["best_layer"] and reloaded.meta["best_coef"] == 2.0
+    assert reloaded.layer == choice.best_layer and reloaded.meta["best_coef"] == 2.0
     assert reloaded.digest() == vec.digest()  # only the metadata changed
     before = (run / "answers.jsonl").read_text()
     sweep(model, "evil", vec, layers=[9, 18], coefs=[-2.0, 2.0], settings=TINY, run_dir=run)
@@ -97,8 +101,8 @@ def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_run, tmp_path
     assert len(images) >= 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "http://" not in page and "https://" not in page
     text = visible_text(page)
-    other = ({9, 18} - {choice["best_layer"]}).pop()
-    assert f"layer {choice['best_layer']}" in text and f"layer {choice['best_layer']}, coef +2 — chosen" in text
+    other = ({9, 18} - {choice.best_layer}).pop()
+    assert f"layer {choice.best_layer}" in text and f"layer {choice.best_layer}, coef +2 — chosen" in text
     assert f"layer {other}, coef" not in text  # examples: the chosen layer only
     # bad grids
     with pytest.raises(LayerError):

@@ -28,7 +28,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from .models import Model
     from .vectors import PersonaVector
 
-__all__ = ["CSV_FIELDS", "HALVES", "Condition", "EvalSettings", "evaluate", "mean_se", "question_indices",
+__all__ = ["CSV_FIELDS", "HALVES", "Cell", "Condition", "EvalSettings", "evaluate", "mean_se", "question_indices",
            "resolve_measure"]
 
 CSV_FIELDS = ["control", "measure", "layer", "coef", "n", "trait_mean", "trait_se", "coherence_mean", "coherence_se", "judge_free_mean",
@@ -100,6 +100,36 @@ class EvalSettings:
 
 
 HALVES = ("all", "first", "second")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One condition's summary over the evaluation questions: a line of cells.jsonl, a row of cells.csv.
+    `trait_*` is the trait measure (`measure`); `judge_free_*` the prompted measure beside a judge (None
+    with the reference measure); `perplexity` and `quiz_accuracy` only with `capability`."""
+
+    layer: int | None
+    coef: float
+    n: int
+    trait_mean: float | None
+    trait_se: float | None
+    coherence_mean: float | None
+    coherence_se: float | None
+    judge_free_mean: float | None
+    judge_free_se: float | None
+    perplexity: float | None
+    quiz_accuracy: float | None
+    coherence_source: str  # the judge's name, or "fluency" for the judge-free proxy
+    cell: str  # the key in the run folder (see `_cell`)
+    control: str | None  # the control's name; None for the trait's own vector
+    measure: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, Any]) -> Cell:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
 def question_indices(n_questions: int, half: str = "all", limit: int | None = None) -> list[int]:
@@ -183,12 +213,12 @@ def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def write_cells_csv(path: Path, cells: Sequence[dict[str, Any]]) -> None:
+def write_cells_csv(path: Path, cells: Sequence[Cell]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
     for c in cells:
-        w.writerow({k: _fmt(c.get(k)) for k in CSV_FIELDS})
+        w.writerow({k: _fmt(getattr(c, k)) for k in CSV_FIELDS})
     write_text(path, buf.getvalue())
 
 
@@ -197,9 +227,9 @@ def evaluate(model: Model, trait: str | Path | LoadedTrait, *, vector: PersonaVe
              settings: EvalSettings | None = None, run_dir: str | Path | None = None, kind: str = "eval",
              extra_settings: dict[str, Any] | None = None, allow_mismatch: bool = False,
              controls: Mapping[str, PersonaVector] | None = None, engine: Engine | str | None = None,
-             progress: Progress = no_progress) -> list[dict[str, Any]]:
-    """Evaluate each condition (for the vector and for each control); returns one summary dict per
-    condition (the rows of cells.csv). `judge` None or 'auto' means the reference measure when the trait
+             progress: Progress = no_progress) -> list[Cell]:
+    """Evaluate each condition (for the vector and for each control); returns one `Cell` per condition
+    (the rows of cells.csv). `judge` None or 'auto' means the reference measure when the trait
     has references, else the contrast judge. `engine` ("hf", "vllm" or an engine object) generates the
     answers, steered per condition; the measures are read from the Hugging Face model.
 
@@ -236,7 +266,7 @@ def evaluate(model: Model, trait: str | Path | LoadedTrait, *, vector: PersonaVe
 def _evaluate_all(model: Model, loaded: LoadedTrait, vector: PersonaVector | None, conditions: Sequence[Condition],
                   ctrl: Mapping[str, PersonaVector], the_judge: Judge | None, measure: str, s: EvalSettings,
                   folder: Path | None, allow_mismatch: bool, engine: Engine,
-                  progress: Progress) -> list[dict[str, Any]]:
+                  progress: Progress) -> list[Cell]:
     """The conditions `evaluate` has not finished in `folder` (all of them without one), then every row."""
     stored = Records(folder / "cells.jsonl" if folder else None, key="cell")  # finished conditions' summaries
     done = dict(stored.rows)  # those of earlier runs (a repeated "base" cell is evaluated again, as before)
@@ -247,24 +277,20 @@ def _evaluate_all(model: Model, loaded: LoadedTrait, vector: PersonaVector | Non
     runs: list[tuple[str | None, PersonaVector | None, Condition]] = [(None, vector, c)
                                                                       for c in dict.fromkeys(conditions)]
     runs += [(name, v, c) for name, v in ctrl.items() for c in dict.fromkeys(conditions) if c.steered]
-    summaries: list[dict[str, Any]] = []
+    summaries: list[Cell] = []
     for n, (name, vec, cond) in enumerate(runs):
         progress("conditions", n, len(runs))
         cell = _cell(name, cond)
         if cell in done:
-            summaries.append({**done[cell], "layer": cond.layer, "coef": cond.coef})
+            summaries.append(replace(Cell.from_json(done[cell]), layer=cond.layer, coef=cond.coef))
             continue
-        summary, answers, per_q = _evaluate_condition(model, loaded, vec, cond, the_judge, refs, prompts, plan,
-                                                      q_idx, s, allow_mismatch, engine, progress)
-        tag = {"cell": cell, "control": name, "measure": measure}
-        summary.update(tag)
-        answers = [{**a, **tag} for a in answers]
-        per_q = [{**r, **tag} for r in per_q]
+        summary, answers, per_q = _evaluate_condition(model, loaded, vec, cond, name, the_judge, measure, refs,
+                                                      prompts, plan, q_idx, s, allow_mismatch, engine, progress)
         summaries.append(summary)
         if folder:
             append_jsonl(folder / "answers.jsonl", answers)
             append_jsonl(folder / "measure.jsonl", per_q)
-        stored.add([summary])  # last: the cell counts as finished only once its answers are stored
+        stored.add([summary.to_json()])  # last: the cell counts as finished only once its answers are stored
         if folder:
             write_cells_csv(folder / "cells.csv", _expand(summaries, conditions, ctrl))
     progress("conditions", len(runs), len(runs))
@@ -279,25 +305,26 @@ def _cell(control: str | None, cond: Condition) -> str:
     return cond.cell if control is None else f"{control}:{cond.cell}"
 
 
-def _expand(summaries: list[dict[str, Any]], conditions: Sequence[Condition],
-            controls: Mapping[str, PersonaVector]) -> list[dict[str, Any]]:
+def _expand(summaries: list[Cell], conditions: Sequence[Condition],
+            controls: Mapping[str, PersonaVector]) -> list[Cell]:
     """One row per requested condition and vector; the shared unsteered cell is repeated with each layer's
     label (for the trait's own rows only: a control's coefficient 0 is that same cell)."""
-    by_cell = {s["cell"]: s for s in summaries}
+    by_cell = {s.cell: s for s in summaries}
     rows = []
     for name in [None, *controls]:
         for c in conditions:
             key = _cell(name if c.steered else None, c)
             if key in by_cell and (name is None or c.steered):
-                rows.append({**by_cell[key], "layer": c.layer, "coef": c.coef, "control": name})
+                rows.append(replace(by_cell[key], layer=c.layer, coef=c.coef, control=name))
     return rows
 
 
 def _evaluate_condition(model: Model, loaded: LoadedTrait, vector: PersonaVector | None, cond: Condition,
-                        judge: Judge | None, refs: list[dict[str, Any]], prompts: list[list[int]],
-                        plan: list[tuple[int, int]], q_idx: list[int], s: EvalSettings,
+                        control: str | None, judge: Judge | None, measure: str, refs: list[dict[str, Any]],
+                        prompts: list[list[int]], plan: list[tuple[int, int]], q_idx: list[int], s: EvalSettings,
                         allow_mismatch: bool, engine: Engine,
-                        progress: Progress) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+                        progress: Progress) -> tuple[Cell, list[dict[str, Any]], list[dict[str, Any]]]:
+    """The condition's cell, its answer rows (answers.jsonl) and its per-question rows (measure.jsonl)."""
     spec = None
     if cond.steered and vector is not None:
         spec = Steering.from_vector(vector, model, layer=cond.layer, coef=cond.coef, positions=s.positions,
@@ -331,10 +358,12 @@ def _evaluate_condition(model: Model, loaded: LoadedTrait, vector: PersonaVector
                                   else [None] * len(items))
     coherence = (judge.coherence_batch(items, progress) if judge is not None and judge.scores_coherence
                  else fluency(model, items, progress))
+    key = _cell(control, cond)
+    tag = {"cell": key, "control": control, "measure": measure}
     answers = [{"layer": cond.layer, "coef": cond.coef, "question_idx": q, "rollout": r,
-                "question": questions[q], "answer": a, "trait_score": sc, "coherence": co}
+                "question": questions[q], "answer": a, "trait_score": sc, "coherence": co, **tag}
                for (q, r), a, sc, co in zip(plan, texts, scores, coherence, strict=True)]
-    per_q = [{"layer": cond.layer, "coef": cond.coef, **row} for row in per_q]
+    per_q = [{"layer": cond.layer, "coef": cond.coef, **row, **tag} for row in per_q]
     values = [r["value"] for r in per_q]
     if judge is None:  # the reference measure is the trait measure, per question
         tm, tse, n = mean_se(values)
@@ -343,8 +372,9 @@ def _evaluate_condition(model: Model, loaded: LoadedTrait, vector: PersonaVector
         tm, tse, n = mean_se(scores)
         jm, jse, _ = mean_se(values)
     cm, cse, _ = mean_se(coherence)
-    summary = {"layer": cond.layer, "coef": cond.coef, "n": n, "trait_mean": tm, "trait_se": tse,
-               "coherence_mean": cm, "coherence_se": cse, "judge_free_mean": jm, "judge_free_se": jse,
-               "perplexity": capability.get("perplexity"), "quiz_accuracy": capability.get("quiz_accuracy"),
-               "coherence_source": judge.name if judge is not None and judge.scores_coherence else "fluency"}
+    summary = Cell(layer=cond.layer, coef=cond.coef, n=n, trait_mean=tm, trait_se=tse, coherence_mean=cm,
+                   coherence_se=cse, judge_free_mean=jm, judge_free_se=jse,
+                   perplexity=capability.get("perplexity"), quiz_accuracy=capability.get("quiz_accuracy"),
+                   coherence_source=judge.name if judge is not None and judge.scores_coherence else "fluency",
+                   cell=key, control=control, measure=measure)
     return summary, answers, per_q

@@ -22,7 +22,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +46,59 @@ if TYPE_CHECKING:
     from .models import Model
     from .vectors import PersonaVector
 
-__all__ = ["DatasetError", "ScreenResult", "ScreenSettings", "score_dataset", "screen", "screen_with"]
+__all__ = ["DatasetError", "Filtered", "ScreenResult", "ScreenSettings", "ScreenSummary", "TraitSummary", "score_dataset",
+           "screen", "screen_with"]
 
 TOKEN_COLUMNS = ("prompt_tokens", "answer_tokens", "base_tokens")
+
+
+@dataclass(frozen=True)
+class TraitSummary:
+    """One vector's screen: its layer, the dataset's ΔP (`personavec.stats.mean_ci`'s record: mean, t
+    interval, n), the threshold (None: nothing flagged) with where it came from, and how many it flags."""
+
+    layer: int
+    delta_p: dict[str, Any]
+    threshold: float | None
+    threshold_source: str | None
+    n_flagged: int
+
+
+@dataclass(frozen=True)
+class Filtered:
+    """The filtered copy of the dataset: its path, the rows kept, and the rows left out and why."""
+
+    path: str
+    rows: int
+    dropped_flagged: int
+    dropped_rejected: int
+
+
+@dataclass(frozen=True)
+class ScreenSummary:
+    """What a screen found: `<stem>.summary.json`. `histograms` and `filtered` are None (and absent from the
+    file) when they were not asked for."""
+
+    input: str
+    input_sha256: str
+    rows: int  # in the input
+    scored: int
+    rejected: int
+    reject_reasons: dict[str, int]
+    flagged_any: int  # samples that any trait flags
+    mode: str
+    model: str
+    max_new_tokens: int | None  # None in fast mode (nothing generated)
+    engine: dict[str, Any] | None  # the engine that wrote the base answers; None in fast mode
+    traits: dict[str, TraitSummary]
+    scores: str
+    rejects_file: str
+    run_dir: str
+    histograms: list[str] | None = None
+    filtered: Filtered | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("histograms", "filtered")}
 
 
 @dataclass
@@ -56,7 +106,7 @@ class ScreenResult:
     scores: Path
     rejects: Path
     summary_path: Path
-    summary: dict[str, Any]
+    summary: ScreenSummary
     histograms: list[Path] = field(default_factory=list)
     filtered: Path | None = None
 
@@ -231,7 +281,7 @@ def _write_rejects(scored: Scored, data: str | os.PathLike[str], path: Path) -> 
 def _table_and_summary(model: Model, data: str | os.PathLike[str], scored: Scored,
                        named: dict[str, PersonaVector], thresholds: Thresholds, s: ScreenSettings,
                        paths: OutPaths, engine: Engine | str | None
-                       ) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
+                       ) -> tuple[dict[str, Any], np.ndarray, ScreenSummary]:
     """The scores table (columns in output order), which samples any trait flags, and the summary."""
     n = len(scored.index)
     flags = {t: (scored.columns[f"{t}_delta_p"] > thr if thr is not None else np.zeros(n, dtype=bool))
@@ -239,19 +289,19 @@ def _table_and_summary(model: Model, data: str | os.PathLike[str], scored: Score
     flagged_any = np.zeros(n, dtype=bool)
     for f in flags.values():
         flagged_any |= f
-    per_trait = {t: {"layer": s.layer if s.layer is not None else named[t].layer,
-                     "delta_p": mean_ci(scored.columns[f"{t}_delta_p"]), "threshold": thresholds.values[t],
-                     "threshold_source": thresholds.source if thresholds.values[t] is not None else None,
-                     "n_flagged": int(f.sum())} for t, f in flags.items()}
-    summary: dict[str, Any] = {
-        "input": str(data), "input_sha256": scored.source.sha256, "rows": scored.source.n_rows, "scored": n,
-        "rejected": len(scored.rejects), "reject_reasons": dict(Counter(r["reason"].split(":")[0]
-                                                                       for r in scored.rejects)),
-        "flagged_any": int(flagged_any.sum()),
-        "mode": "fast (last prompt token)" if s.fast else "full (base model's own answer)",
-        "model": model.model_id, "max_new_tokens": None if s.fast else s.max_new_tokens,
-        "engine": None if s.fast else engine_record(engine), "traits": per_trait,
-        "scores": str(paths.scores), "rejects_file": str(paths.rejects), "run_dir": str(paths.run_dir)}
+    per_trait = {t: TraitSummary(layer=s.layer if s.layer is not None else named[t].layer,
+                                 delta_p=mean_ci(scored.columns[f"{t}_delta_p"]), threshold=thresholds.values[t],
+                                 threshold_source=thresholds.source if thresholds.values[t] is not None else None,
+                                 n_flagged=int(f.sum())) for t, f in flags.items()}
+    summary = ScreenSummary(
+        input=str(data), input_sha256=scored.source.sha256, rows=scored.source.n_rows, scored=n,
+        rejected=len(scored.rejects), reject_reasons=dict(Counter(r["reason"].split(":")[0]
+                                                                  for r in scored.rejects)),
+        flagged_any=int(flagged_any.sum()),
+        mode="fast (last prompt token)" if s.fast else "full (base model's own answer)",
+        model=model.model_id, max_new_tokens=None if s.fast else s.max_new_tokens,
+        engine=None if s.fast else engine_record(engine), traits=per_trait,
+        scores=str(paths.scores), rejects_file=str(paths.rejects), run_dir=str(paths.run_dir))
     return _table(scored, flags), flagged_any, summary
 
 
@@ -266,7 +316,7 @@ def _table(scored: Scored, flags: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _write_outputs(scored: Scored, reference: Scored | None, table: dict[str, Any], flagged_any: np.ndarray,
-                   summary: dict[str, Any], thresholds: Thresholds, s: ScreenSettings,
+                   summary: ScreenSummary, thresholds: Thresholds, s: ScreenSettings,
                    paths: OutPaths) -> ScreenResult:
     """The table, the histograms and the filtered copy when asked for, and last the summary naming them."""
     write_table(paths.scores, table)
@@ -276,13 +326,14 @@ def _write_outputs(scored: Scored, reference: Scored | None, table: dict[str, An
             ref_values = reference.columns[f"{t}_delta_p"] if reference is not None else None
             result.histograms.append(histogram(paths.stem.with_name(f"{paths.stem.name}.{t}.png"), t,
                                                scored.columns[f"{t}_delta_p"], thr, ref_values, s.fast))
-        summary["histograms"] = [str(p) for p in result.histograms]
+        result.summary = replace(result.summary, histograms=[str(p) for p in result.histograms])
     if s.filtered_out is not None:
         keep = np.zeros(scored.source.n_rows, dtype=bool)
         keep[scored.index[~flagged_any]] = True
         kept = write_filtered(scored.source, keep, s.filtered_out)
         result.filtered = Path(s.filtered_out)
-        summary["filtered"] = {"path": str(s.filtered_out), "rows": kept,
-                               "dropped_flagged": int(flagged_any.sum()), "dropped_rejected": len(scored.rejects)}
-    write_json(paths.summary, summary)
+        result.summary = replace(result.summary, filtered=Filtered(
+            path=str(s.filtered_out), rows=kept, dropped_flagged=int(flagged_any.sum()),
+            dropped_rejected=len(scored.rejects)))
+    write_json(paths.summary, result.summary.to_json())
     return result

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import LayerError, PersonavecError
-from .evaluate import Condition, EvalSettings, evaluate, resolve_measure
+from .evaluate import Cell, Condition, EvalSettings, evaluate, resolve_measure
 from .io import write_json
 from .judges import Judge
 from .layers import check_layer
@@ -24,6 +25,36 @@ if TYPE_CHECKING:
 
 #: Steering strengths tried by default; coefficient 0 (the unsteered model) is evaluated once and shared.
 DEFAULT_COEFS = (-6.0, -3.0, 0.0, 3.0, 6.0)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where `choose` would steer: the chosen cell, its rise over coefficient 0 (and the judge-free measure's
+    beside a judge, else None), its score under the rule, and the rule with its coherence threshold."""
+
+    best_layer: int
+    best_coef: float
+    trait_change: float
+    judge_free_change: float | None
+    score: float
+    coherence_threshold: float
+    criterion: str
+
+
+@dataclass(frozen=True)
+class SweepChoice(Choice):
+    """A sweep's choice with what it was chosen from: the content of choice.json."""
+
+    judge: str
+    measure: str
+    trait: str
+    half: str
+    layers: list[int]
+    coefs: list[float]
+    vector_file: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -42,7 +73,7 @@ def _spread(values: Sequence[float | None]) -> float | None:
     return sd if sd > 0 else None
 
 
-def choose(cells: Sequence[dict[str, Any]], coherence_min: float | None) -> dict[str, Any]:
+def choose(cells: Sequence[Cell], coherence_min: float | None) -> Choice:
     """Best layer = the largest rise of the trait over the unsteered model, among positive coefficients
     whose mean coherence stays at or above the threshold. A threshold of None means 50% of the unsteered
     coherence (for judge-free fluency, which has no absolute scale).
@@ -51,40 +82,39 @@ def choose(cells: Sequence[dict[str, Any]], coherence_min: float | None) -> dict
     counts two readings when the cells carry both: the judge's mean trait score and the prompted judge-free
     measure, each in units of its own spread over the grid, summed. Control cells (`control` set) are
     never chosen."""
-    cells = [c for c in cells if not c.get("control")]
-    base = next((c for c in cells if c["coef"] == 0), None)
-    if base is None or base.get("trait_mean") is None:
+    cells = [c for c in cells if not c.control]
+    base = next((c for c in cells if c.coef == 0), None)
+    if base is None or base.trait_mean is None:
         raise PersonavecError("the sweep needs coefficient 0 in --coefs to measure trait change")
-    base_coherence = base.get("coherence_mean")
+    base_trait, base_coherence, base_jf = base.trait_mean, base.coherence_mean, base.judge_free_mean
     threshold = coherence_min
     if threshold is None:
         threshold = 0.5 * base_coherence if base_coherence is not None else -math.inf
-    unit_t = _spread([c.get("trait_mean") for c in cells]) or 1.0
-    unit_j = _spread([c.get("judge_free_mean") for c in cells]) if base.get("judge_free_mean") is not None else None
-    best: dict[str, Any] | None = None
+    unit_t = _spread([c.trait_mean for c in cells]) or 1.0
+    unit_j = _spread([c.judge_free_mean for c in cells]) if base_jf is not None else None
+    best: tuple[float, int, float, float, float | None] | None = None  # score, layer, coef, the two changes
     for c in cells:
-        if c["coef"] <= 0 or c.get("trait_mean") is None:
+        if c.coef <= 0 or c.layer is None or c.trait_mean is None:
             continue
-        coh = c.get("coherence_mean")
-        if coh is not None and coh < threshold:
+        if c.coherence_mean is not None and c.coherence_mean < threshold:
             continue
-        change = c["trait_mean"] - base["trait_mean"]
+        change = c.trait_mean - base_trait
         score = change / unit_t
         jf_change = None
-        if unit_j is not None and c.get("judge_free_mean") is not None:
-            jf_change = c["judge_free_mean"] - base["judge_free_mean"]
+        if unit_j is not None and base_jf is not None and c.judge_free_mean is not None:
+            jf_change = c.judge_free_mean - base_jf
             score += jf_change / unit_j
-        if best is None or score > best["score"]:
-            best = {"best_layer": c["layer"], "best_coef": c["coef"], "trait_change": change,
-                    "judge_free_change": jf_change, "score": score}
+        if best is None or score > best[0]:
+            best = score, c.layer, c.coef, change, jf_change
     if best is None:
         raise PersonavecError(f"no positive coefficient kept coherence ≥ {threshold:.3g}; try smaller --coefs")
+    score, layer, coef, change, jf_change = best
     both = unit_j is not None
-    return {**best, "coherence_threshold": threshold,
-            "criterion": "largest rise over coefficient 0 of the mean trait measure"
-                         + (" plus the judge-free measure, each in units of its spread over the grid," if both
-                            else "") + " among positive coefficients whose mean coherence stays at or above "
-                         "the threshold"}
+    return Choice(best_layer=layer, best_coef=coef, trait_change=change, judge_free_change=jf_change,
+                  score=score, coherence_threshold=threshold,
+                  criterion="largest rise over coefficient 0 of the mean trait measure"
+                  + (" plus the judge-free measure, each in units of its spread over the grid," if both else "")
+                  + " among positive coefficients whose mean coherence stays at or above the threshold")
 
 
 def sweep(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, *,
@@ -92,7 +122,7 @@ def sweep(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, 
           judge: Judge | str | None = None, settings: EvalSettings | None = None,
           run_dir: str | Path, coherence_min: float | None = None, vector_path: str | Path | None = None,
           allow_mismatch: bool = False, controls: Mapping[str, PersonaVector] | None = None,
-          engine: Engine | str | None = None, progress: Progress = no_progress) -> dict[str, Any]:
+          engine: Engine | str | None = None, progress: Progress = no_progress) -> SweepChoice:
     """Evaluate the grid (and the same steered grid for each control), write cells.csv and choice.json into
     `run_dir`, and (if `vector_path` is given) rewrite that vector file atomically with best_layer /
     best_coef in its metadata. The choice reads the trait's own cells only. `engine` generates every cell's
@@ -119,10 +149,11 @@ def sweep(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, 
                      run_dir=run_dir, kind="sweep", allow_mismatch=allow_mismatch, controls=controls,
                      engine=engine, progress=progress)
     s = settings or EvalSettings()
-    choice = {**choose(cells, coherence_min), "judge": measure, "measure": measure, "trait": loaded.trait.name,
-              "half": s.half, "layers": layer_list, "coefs": coef_list, "vector_file": str(vector_path or "")}
-    write_json(Path(run_dir) / "choice.json", choice)
+    choice = SweepChoice(**asdict(choose(cells, coherence_min)), judge=measure, measure=measure,
+                         trait=loaded.trait.name, half=s.half, layers=layer_list, coefs=coef_list,
+                         vector_file=str(vector_path or ""))
+    write_json(Path(run_dir) / "choice.json", choice.to_json())
     if vector_path is not None:
-        vector.with_meta(best_layer=choice["best_layer"], best_coef=choice["best_coef"],
+        vector.with_meta(best_layer=choice.best_layer, best_coef=choice.best_coef,
                          sweep_run=str(run_dir), sweep_judge=measure).save(vector_path)
     return choice

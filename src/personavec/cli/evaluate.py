@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -77,7 +78,7 @@ def eval_cmd(
         emit_json({"run_dir": out_dir, "trait": loaded.trait.name, "vector": vector, "half": half,
                    "cells": cells, "files": {"cells": out_dir / "cells.csv", "answers": out_dir / "answers.jsonl"}})
         return
-    print_cells(cells)
+    print_cells([c.to_json() for c in cells])
     out.print(f"results in {out_dir}/cells.csv and answers.jsonl")
 
 
@@ -89,7 +90,8 @@ def _controls(specs: list[str] | None, vec: Any, seed: int) -> dict[str, Any]:
     return make_controls(specs, vec, seed) if specs else {}
 
 
-def print_cells(cells: list[dict[str, Any]]) -> None:
+def print_cells(cells: Sequence[Mapping[str, Any]]) -> None:
+    """The cells as a table, from their JSON form or from cells.csv (which the sweep command prints)."""
     measure = next((str(c["measure"]) for c in cells if c.get("measure")), "trait")
     table = Table("vector", "layer", "coef", "n", f"trait ({measure})", "coherence", "judge-free (prompted)",
                   "perplexity", "quiz")
@@ -161,8 +163,8 @@ def sweep_cmd(
                    "choice": choice, "cells": cells})
         return
     print_cells(cells)
-    out.print(f"best layer {choice['best_layer']} (coef {choice['best_coef']:+g}, {choice['measure']} change "
-              f"{choice['trait_change']:+.3g}, {settings.half} half of the evaluation questions); "
+    out.print(f"best layer {choice.best_layer} (coef {choice.best_coef:+g}, {choice.measure} change "
+              f"{choice.trait_change:+.3g}, {settings.half} half of the evaluation questions); "
               + ("" if no_update else f"written into {vector}; ") + f"run folder {out_dir}")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -24,6 +24,9 @@ from ._common import (
     parse_floats,
     progress_bars,
 )
+
+if TYPE_CHECKING:
+    from ..monitor import MonitorSummary
 
 
 def monitor_eval_cmd(
@@ -78,13 +81,13 @@ def monitor_eval_cmd(
     if write_threshold:
         store_calibration(vector, result)
     if as_json:
-        emit_json({**result, "run_dir": out_dir, "threshold_written": write_threshold,
+        emit_json({**result.to_json(), "run_dir": out_dir, "threshold_written": write_threshold,
                    "files": {n: out_dir / n for n in ("results.json", "results.csv", "monitor.png")}})
         return
     _print(result)
     if write_threshold:
-        out.print(f"wrote meta 'monitor' (layer {result['layer']}, threshold "
-                  f"{_f(result['monitor_meta']['threshold'])}) into {vector}")
+        out.print(f"wrote meta 'monitor' (layer {result.layer}, threshold "
+                  f"{_f(result.monitor_meta['threshold'])}) into {vector}")
     out.print(f"results in {out_dir}/results.json, results.csv and monitor.png")
 
 
@@ -92,20 +95,20 @@ def _f(v: Any) -> str:
     return "–" if v is None else f"{v:.3g}"
 
 
-def _print(result: dict[str, Any]) -> None:
+def _print(result: MonitorSummary) -> None:
     table = Table("measure", "points", "all", "graded", "many-shot",
-                  title=f"Pearson r with the last-prompt-token projection ({result['trait']}, layer {result['layer']})")
+                  title=f"Pearson r with the last-prompt-token projection ({result.trait}, layer {result.layer})")
     for measure, label in (("reference", "reference (authored answers)"),
-                           ("trait_score", f"trait score ({result['judge']})"), ("judge_free", "judge-free (prompted)")):
-        if all(v is None for v in result["pearson"][measure].values()):
+                           ("trait_score", f"trait score ({result.judge})"), ("judge_free", "judge-free (prompted)")):
+        if all(v is None for v in result.pearson[measure].values()):
             continue
-        for kind, rs in (("prompt × question", result["pearson"][measure]),
-                         ("level means", result["pearson_levels"][measure]),
-                         ("within levels", result["pearson_within_levels"][measure])):
+        for kind, rs in (("prompt × question", result.pearson[measure]),
+                         ("level means", result.pearson_levels[measure]),
+                         ("within levels", result.pearson_within_levels[measure])):
             table.add_row(label, kind, _f(rs.get("overall")), _f(rs.get("graded")), _f(rs.get("many_shot")))
     out.print(table)
-    cal = result["calibration"]["prompt"]
-    out.print(f"flag threshold (last-prompt projection ≥ t ⇒ answer scored ≥ {result['judge_threshold']:g}): "
-              f"t = {_f(cal['threshold'])}, balanced accuracy {_f(cal['balanced_accuracy'])} (in-sample), "
-              f"{_f(cal['heldout_balanced_accuracy'])} (fitted on even questions, tested on odd); "
-              f"response-mean threshold {_f(result['calibration']['response']['threshold'])}")
+    cal = result.calibration["prompt"]
+    out.print(f"flag threshold (last-prompt projection ≥ t ⇒ answer scored ≥ {result.judge_threshold:g}): "
+              f"t = {_f(cal.threshold)}, balanced accuracy {_f(cal.balanced_accuracy)} (in-sample), "
+              f"{_f(cal.heldout_balanced_accuracy)} (fitted on even questions, tested on odd); "
+              f"response-mean threshold {_f(result.calibration['response'].threshold)}")

@@ -96,20 +96,20 @@ def screen_cmd(
                      workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      allow_mismatch=allow_model_mismatch, histograms=histograms, engine=eng, progress=cb)
     s = res.summary
-    if s["rejected"]:
-        warn(f"{s['rejected']} rows rejected ({', '.join(f'{k}: {v}' for k, v in s['reject_reasons'].items())}); "
+    if s.rejected:
+        warn(f"{s.rejected} rows rejected ({', '.join(f'{k}: {v}' for k, v in s.reject_reasons.items())}); "
              f"reasons in {res.rejects}")
     if as_json:
-        emit_json(res)
+        emit_json({**vars(res), "summary": s.to_json()})
         return
     table = Table("trait", "layer", "mean ΔP [95% CI]", "threshold", "flagged",
-                  title=f"{s['scored']} samples scored, {s['rejected']} rejected — {s['mode']}")
-    for t, d in s["traits"].items():
-        dp = d["delta_p"]
+                  title=f"{s.scored} samples scored, {s.rejected} rejected — {s.mode}")
+    for t, d in s.traits.items():
+        dp = d.delta_p
         ci = f"{dp['mean']:.3g} [{dp['ci_low']:.3g}, {dp['ci_high']:.3g}]"
-        thr_text = "–" if d["threshold"] is None else f"{d['threshold']:.3g}"
-        table.add_row(t, str(d["layer"]), ci, thr_text, f"{d['n_flagged']}/{s['scored']}")
+        thr_text = "–" if d.threshold is None else f"{d.threshold:.3g}"
+        table.add_row(t, str(d.layer), ci, thr_text, f"{d.n_flagged}/{s.scored}")
     out.print(table)
     out.print(f"scores {res.scores}; rejects {res.rejects}; summary {res.summary_path}"
               + (f"; histograms {', '.join(map(str, res.histograms))}" if res.histograms else "")
-              + (f"; filtered copy {res.filtered} ({s['filtered']['rows']} rows)" if res.filtered else ""))
+              + (f"; filtered copy {res.filtered} ({s.filtered.rows} rows)" if s.filtered else ""))

@@ -33,13 +33,13 @@ prompt), experiment (`monitor_eval`), results (correlations, summary, files), ca
 `store_calibration`); the generic statistics live in `personavec.stats`."""
 
 from ..stats import balanced_accuracy, best_threshold
-from .calibration import calibrate, store_calibration
+from .calibration import Calibration, calibrate, store_calibration
 from .experiment import monitor_eval
 from .prompts import PromptSpec, check_graded, plan_prompts, shot_examples
 from .readings import prompt_readings
-from .results import CSV_FIELDS, levels, summarize, within_levels, write_outputs
+from .results import CSV_FIELDS, Level, MonitorSummary, levels, summarize, within_levels, write_outputs
 from .settings import CONDITIONS, MonitorSettings
 
-__all__ = ["CONDITIONS", "CSV_FIELDS", "MonitorSettings", "PromptSpec", "balanced_accuracy", "best_threshold",
-           "calibrate", "check_graded", "levels", "monitor_eval", "plan_prompts", "prompt_readings",
+__all__ = ["CONDITIONS", "CSV_FIELDS", "Calibration", "Level", "MonitorSettings", "MonitorSummary", "PromptSpec",
+           "balanced_accuracy", "best_threshold", "calibrate", "check_graded", "levels", "monitor_eval", "plan_prompts", "prompt_readings",
            "shot_examples", "store_calibration", "summarize", "within_levels", "write_outputs"]

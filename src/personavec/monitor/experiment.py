@@ -21,7 +21,7 @@ from ..traits import LoadedTrait, load_trait
 from ..vectors import PersonaVector
 from .prompts import PromptSpec, check_graded, plan_prompts, shot_examples
 from .readings import authored_ids, prompt_readings, reference_ids
-from .results import summarize, write_outputs
+from .results import MonitorSummary, summarize, write_outputs
 from .settings import MonitorSettings
 
 if TYPE_CHECKING:
@@ -59,8 +59,8 @@ class Continuations:
 def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaVector, *,
                  judge: Judge | str | None = None, settings: MonitorSettings | None = None, layer: int | None = None,
                  run_dir: str | Path | None = None, allow_mismatch: bool = False, chunk: int = 16,
-                 engine: Engine | str | None = None, progress: Progress = no_progress) -> dict[str, Any]:
-    """Run the monitoring experiment; returns the results dict (also results.json in the run folder).
+                 engine: Engine | str | None = None, progress: Progress = no_progress) -> MonitorSummary:
+    """Run the monitoring experiment; returns its results (also results.json in the run folder).
 
     `layer`: where the projection is read (default: the vector's chosen layer). With `run_dir`, every point
     is stored as it finishes and a rerun resumes. `engine` ("hf", "vllm" or an engine object) samples the
@@ -71,8 +71,7 @@ def monitor_eval(model: Model, trait: str | Path | LoadedTrait, vector: PersonaV
         shots = shot_examples(model, job.trait, job.judge, job.settings, job.folder, progress, eng)
         points = _points(job, shots, chunk, eng, progress)
     result = summarize(points, layer=job.layer, judge=job.judge, identity=job.identity, shots=shots,
-                       n_layers=model.n_layers)
-    result["engine"] = engine_record(engine)
+                       n_layers=model.n_layers, engine=engine_record(engine))
     if job.folder is not None:
         write_outputs(job.folder, points, result)
     return result

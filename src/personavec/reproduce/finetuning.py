@@ -187,7 +187,7 @@ def run_finetuning(ctx: Context) -> FinetuneResult | NotRun:
     for name, layer, vec, work in trait_inputs(ctx, "finetune"):
         sets = {s: rows_of(Path(data) / name / f"{s}.jsonl", work, f.max_rows) for s in f.sets}
         dps = {s: float(screen(ctx.model, p, [vec], work / f"{s}.dp.csv", fast=True, layer=layer, histograms=False,
-                               cache=work / "base-answers.sqlite", progress=ctx.progress).summary["traits"][vec.trait]["delta_p"]["mean"])
+                               cache=work / "base-answers.sqlite", progress=ctx.progress).summary.traits[vec.trait].delta_p["mean"])
                for s, p in sets.items()}
         bench = Bench(ctx.model, ctx.traits[name], vec, layer, random_seeds=ctx.settings.sweep.random_seeds,
                       n_questions=f.n_questions, n_texts=ctx.settings.capability.n_texts,

@@ -130,11 +130,11 @@ def run_monitoring(ctx: Context) -> MonitorResult:
         judged = [p for p in points if p.trait_score is not None]
         r = correlations(points)
         out[name] = MonitorTrait(
-            trait=name, layer=layer, judge=str(res["judge"]), r_points=r["points"], r_level_means=r["level_means"],
+            trait=name, layer=layer, judge=res.judge, r_points=r["points"], r_level_means=r["level_means"],
             r_within_levels=r["within_levels"], r_within_questions=r["within_questions"],
             r_judge_points=correlation([p.projection for p in judged], [float(p.trait_score or 0) for p in judged]),
             overlap=overlap(loaded.trait),
-            levels=[LevelMean(v["condition"], int(v["level"]), str(v["label"]), float(v["projection"]),
-                              float(v["reference"])) for v in res["levels"] if v.get("reference") is not None],
+            levels=[LevelMean(v.condition, v.level, v.label, v.projection, v.reference)
+                    for v in res.levels if v.projection is not None and v.reference is not None],
             points=points, run_dir=str(run.relative_to(ctx.folder)))
     return MonitorResult(out)

@@ -124,7 +124,7 @@ def steer_trait(ctx: Context, name: str, vectors: Mapping[str, PersonaVector]) -
     choice = sweep(ctx.model, loaded, vec, layers=w.layers, coefs=list(w.coefs), judge=REFERENCE,
                    settings=settings("first", w.n_select), run_dir=select_dir, coherence_min=w.coherence_min,
                    controls=controls if w.selection_controls else None, engine=ctx.engine, progress=ctx.progress)
-    layer, coef = int(choice["best_layer"]), float(choice["best_coef"])
+    layer, coef = choice.best_layer, float(choice.best_coef)  # float: the settings may give an int
     evaluate(ctx.model, loaded, vector=vec, judge=REFERENCE, settings=settings("second", w.n_report),
              conditions=[Condition(layer, -coef), Condition(None, 0.0), Condition(layer, coef)],
              run_dir=report_dir, kind="reproduce-heldout", controls=controls, engine=ctx.engine, progress=ctx.progress,
@@ -133,8 +133,8 @@ def steer_trait(ctx: Context, name: str, vectors: Mapping[str, PersonaVector]) -
     table = {OWN: rises(cells, layer, coef), **{n: rises(cells, layer, coef, n) for n in controls}}
     n_eval = len(loaded.trait.evaluation_questions)
     return SteeringTrait(
-        trait=name, layer=layer, coef=coef, criterion=str(choice["criterion"]),
-        selection_change=float(choice["trait_change"]),
+        trait=name, layer=layer, coef=coef, criterion=choice.criterion,
+        selection_change=choice.trait_change,
         selection_questions=question_indices(n_eval, "first", w.n_select),
         report_questions=question_indices(n_eval, "second", w.n_report),
         heldout=heldout(table[OWN], {n: table[n] for n in randoms}, {n: table[n] for n in others},
