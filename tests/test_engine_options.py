@@ -27,6 +27,7 @@ import personavec.models
 from personavec.chat import encode_chat, messages_for
 from personavec.cli import app
 from personavec.engines import EngineError, HFEngine, LazyEngine, open_engine
+from personavec.errors import PersonavecError
 from personavec.evaluate import Condition, EvalSettings, evaluate
 from personavec.generation import generate, generate_ids
 from personavec.traits import load_trait
@@ -217,10 +218,11 @@ def test_engine_vllm_without_vllm_exits_2_naming_the_extra() -> None:
 
 @pytest.mark.parametrize("command", [["generate", "Hi."], ["eval", "--trait", "evil"], ["sweep", "--trait", "evil"],
                                      ["extract", "--trait", "evil"], ["monitor-eval", "--trait", "evil"],
-                                     ["data", "elicit", "--trait", "evil"], ["screen", "DATA"]])
+                                     ["data", "elicit", "--trait", "evil"], ["screen", "DATA"],
+                                     ["reproduce", "--preset", "smoke"]])
 def test_every_generation_command_checks_its_engine_first(command: list[str], tmp_path: Path,
                                                           vec_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each command takes both options and refuses a bad engine before loading the model (the loader fails
+    """Each command takes the engine options and refuses bad ones before loading the model (the loader fails
     the test if it is reached); the console script turns the error into one line and exit status 2."""
     def no_load(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the model was loaded before the engine was checked")
@@ -235,8 +237,12 @@ def test_every_generation_command_checks_its_engine_first(command: list[str], tm
     if command[0] != "generate":
         args += ["--out", str(tmp_path / ("o.csv" if command[0] == "screen" else "o"))]
     runner = CliRunner(env={"COLUMNS": "200", "HF_HUB_OFFLINE": "1"})
-    for extra, needle in ((["--engine", "tgi"], "unknown engine 'tgi'"),
-                          (["--tensor-parallel-size", "2"], "applies to the vllm engine")):
-        res = runner.invoke(app, [*args, *extra])
-        assert isinstance(res.exception, EngineError) and needle in str(res.exception), (res.output, res.exception)
+    for before, extra, needle in (([], ["--engine", "tgi"], "unknown engine 'tgi'"),
+                                  ([], ["--tensor-parallel-size", "2"], "applies to the vllm engine"),
+                                  ([], ["--gpu-memory-utilization", "0.5"], "applies to the vllm engine"),
+                                  ([], ["--engine", "vllm", "--gpu-memory-utilization", "1.5"], "in (0, 1]"),
+                                  (["--load-in", "4bit"], ["--engine", "vllm"], "drop --load-in")):
+        res = runner.invoke(app, [*before, *args, *extra])
+        assert isinstance(res.exception, PersonavecError) and needle in str(res.exception), \
+            (res.output, res.exception)
     assert not (tmp_path / "o").exists()

@@ -104,6 +104,9 @@ EngineOpt = Annotated[str, typer.Option("--engine", help="Who generates: hf (Hug
                                         "steering runs inside its workers).")]
 TensorParallelOpt = Annotated[int, typer.Option("--tensor-parallel-size", help="GPUs the vllm engine splits the "
                                                 "model over (vllm engine only).")]
+GpuMemoryOpt = Annotated[float | None, typer.Option("--gpu-memory-utilization", help="Share of each GPU the vllm "
+                                                    "engine may take (default 0.9; leave room for the Hugging "
+                                                    "Face copy the measures read).")]
 AllowMismatchOpt = Annotated[bool, typer.Option(help="Use vectors made on other weights (their fingerprint "
                                                          "differs from the model's).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout "
@@ -138,6 +141,18 @@ def info(message: str) -> None:
 def warn(message: str) -> None:
     """A warning line on stderr (printed even under --quiet)."""
     err.print(message, highlight=False, soft_wrap=True)
+
+
+def check_engine_options(engine: str, tensor_parallel_size: int = 1,
+                         gpu_memory_utilization: float | None = None) -> None:
+    """`engines.check_engine` plus what only the command line knows: --load-in quantizes the Hugging Face copy
+    alone, so vLLM would generate from other weights than the ones personavec reads and steers."""
+    from ..engines import check_engine
+
+    if engine == "vllm" and _LOADING.get("load_in"):
+        raise PersonavecError("--load-in quantizes only the Hugging Face copy, and vLLM would generate from the "
+                              "full-precision weights; drop --load-in with --engine vllm, or use --engine hf")
+    check_engine(engine, tensor_parallel_size, gpu_memory_utilization)
 
 
 def load(model: str | None, device: str | None, dtype: str | None, layers_path: str | None) -> Any:

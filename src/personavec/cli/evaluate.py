@@ -16,12 +16,14 @@ from ._common import (
     DeviceOpt,
     DtypeOpt,
     EngineOpt,
+    GpuMemoryOpt,
     HalfOpt,
     JsonOpt,
     JudgeOpt,
     LayersPathOpt,
     ModelOpt,
     TensorParallelOpt,
+    check_engine_options,
     emit_json,
     load,
     out,
@@ -46,12 +48,13 @@ def eval_cmd(
     capability: Annotated[bool, typer.Option(help="Also measure perplexity and quiz accuracy.")] = False,
     model: ModelOpt = None,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = None,
     allow_model_mismatch: AllowMismatchOpt = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score the model's answers to the trait's evaluation questions, optionally steered."""
-    from ..engines import check_engine, open_engine
+    from ..engines import open_engine
     from ..evaluate import Condition, EvalSettings, evaluate
     from ..traits import load_trait
     from ..vectors import PersonaVector
@@ -67,9 +70,9 @@ def eval_cmd(
                             half=half)
     settings.validate()
     controls = _controls(control, vec, seed)
-    check_engine(engine, tensor_parallel_size)
+    check_engine_options(engine, tensor_parallel_size, gpu_memory_utilization)
     m = load(model, device, dtype, layers_path)
-    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size, gpu_memory_utilization) as eng:
         cells = evaluate(m, loaded, vector=vec, conditions=[Condition(chosen, c) for c in coefs], judge=judge,
                          settings=settings, run_dir=out_dir, allow_mismatch=allow_model_mismatch, progress=cb,
                          controls=controls, engine=eng, extra_settings={"vector": str(vector or ""),
@@ -125,12 +128,13 @@ def sweep_cmd(
     no_update: Annotated[bool, typer.Option("--no-update-vector", help="Do not write the choice into the vector.")] = False,
     model: ModelOpt = None,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = None,
     allow_model_mismatch: AllowMismatchOpt = False,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a layer × coefficient grid and choose where to steer (written into the vector file)."""
-    from ..engines import check_engine, open_engine
+    from ..engines import open_engine
     from ..evaluate import EvalSettings
     from ..layers import check_layer
     from ..report import read_cells
@@ -147,13 +151,13 @@ def sweep_cmd(
     coef_list = parse_floats(coefs, "--coefs")
     for c in coef_list or []:
         check_coef(c)
-    check_engine(engine, tensor_parallel_size)
+    check_engine_options(engine, tensor_parallel_size, gpu_memory_utilization)
     m = load(model, device, dtype, layers_path)
     settings = EvalSettings(n_questions=n_questions, max_new_tokens=max_new_tokens, seed=seed, capability=capability,
                             half=half)
     settings.validate()
     controls = _controls(control, vec, seed)
-    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size, gpu_memory_utilization) as eng:
         choice = sweep(m, loaded, vec, layers=layer_list, coefs=coef_list, judge=judge, settings=settings,
                        run_dir=out_dir, coherence_min=coherence_min, vector_path=None if no_update else vector,
                        allow_mismatch=allow_model_mismatch, controls=controls, engine=eng, progress=cb)

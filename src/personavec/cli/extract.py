@@ -11,10 +11,12 @@ from ._common import (
     DeviceOpt,
     DtypeOpt,
     EngineOpt,
+    GpuMemoryOpt,
     JsonOpt,
     LayersPathOpt,
     ModelOpt,
     TensorParallelOpt,
+    check_engine_options,
     emit_json,
     load,
     out,
@@ -37,19 +39,20 @@ def extract(
     seed: int = 0,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 32,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Extract a persona vector: rollouts under contrastive prompts, judge, filter, capture, difference."""
-    from ..engines import check_engine, open_engine
+    from ..engines import open_engine
     from ..extract import extract as run_extract
     from ..traits import load_trait
 
     loaded = load_trait(trait)  # fail on a bad trait or engine before spending time on the model
-    check_engine(engine, tensor_parallel_size)
+    check_engine_options(engine, tensor_parallel_size, gpu_memory_utilization)
     m = load(model, device, dtype, layers_path)
     folder = run_dir or out_path.with_name(out_path.name + ".run")
-    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size, gpu_memory_utilization) as eng:
         vec = run_extract(m, loaded, judge=judge, run_dir=folder, batch_size=batch_size, engine=eng, progress=cb,
                           n_questions=n_questions, n_pairs=n_pairs, rollouts=rollouts,
                           max_new_tokens=max_new_tokens, temperature=temperature, threshold=threshold, seed=seed)

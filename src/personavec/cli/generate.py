@@ -14,10 +14,12 @@ from ._common import (
     DeviceOpt,
     DtypeOpt,
     EngineOpt,
+    GpuMemoryOpt,
     JsonOpt,
     LayersPathOpt,
     ModelOpt,
     TensorParallelOpt,
+    check_engine_options,
     emit_json,
     load,
     out,
@@ -40,11 +42,12 @@ def generate(
     seed: int = 0,
     allow_model_mismatch: AllowMismatchOpt = False,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer prompts, optionally steered by a persona vector at one or more coefficients."""
-    from ..engines import check_engine, open_engine
+    from ..engines import open_engine
     from ..generate_grid import generate_grid, plan_grid
     from ..vectors import PersonaVector
 
@@ -58,9 +61,9 @@ def generate(
     vec = PersonaVector.load(vector) if vector else None
     # check what the vector alone can tell before paying for the model
     chosen, coefs = plan_grid(vec, parse_layer(layer) if layer is not None and vec is not None else None, coef)
-    check_engine(engine, tensor_parallel_size)
+    check_engine_options(engine, tensor_parallel_size, gpu_memory_utilization)
     m = load(model, device, dtype, layers_path)
-    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size, gpu_memory_utilization) as eng:
         result = generate_grid(m, texts, vec, layer=chosen, coefs=coefs, positions=positions, system=system,
                                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                allow_mismatch=allow_model_mismatch, engine=eng, progress=cb)

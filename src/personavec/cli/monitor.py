@@ -14,10 +14,12 @@ from ._common import (
     DeviceOpt,
     DtypeOpt,
     EngineOpt,
+    GpuMemoryOpt,
     JsonOpt,
     LayersPathOpt,
     ModelOpt,
     TensorParallelOpt,
+    check_engine_options,
     emit_json,
     load,
     out,
@@ -50,12 +52,13 @@ def monitor_eval_cmd(
     model: ModelOpt = None,
     allow_model_mismatch: AllowMismatchOpt = False,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The paper's monitoring experiment: graded system prompts and many-shot prompts × evaluation questions;
     Pearson r between the last-prompt-token projection (before generation) and the trait of the answers."""
-    from ..engines import check_engine, open_engine
+    from ..engines import open_engine
     from ..layers import check_layer
     from ..monitor import CONDITIONS, MonitorSettings, monitor_eval, store_calibration
     from ..traits import load_trait
@@ -73,9 +76,9 @@ def monitor_eval_cmd(
                                temperature=temperature, shots=tuple(int(k) for k in sizes), shot_tokens=shot_tokens,
                                conditions=conditions, judge_free=judge_free, seed=seed)
     settings.validate()
-    check_engine(engine, tensor_parallel_size)
+    check_engine_options(engine, tensor_parallel_size, gpu_memory_utilization)
     m = load(model, device, dtype, layers_path)
-    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size, gpu_memory_utilization) as eng:
         result = monitor_eval(m, loaded, vec, judge=judge, settings=settings, layer=layer, run_dir=out_dir,
                               allow_mismatch=allow_model_mismatch, engine=eng, progress=cb)
     if write_threshold:

@@ -13,10 +13,12 @@ from ._common import (
     DeviceOpt,
     DtypeOpt,
     EngineOpt,
+    GpuMemoryOpt,
     JsonOpt,
     LayersPathOpt,
     ModelOpt,
     TensorParallelOpt,
+    check_engine_options,
     emit_json,
     load,
     out,
@@ -42,6 +44,7 @@ def reproduce_cmd(
                                                     "--set overrides applied) and exit.")] = None,
     model: ModelOpt = None,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -62,12 +65,11 @@ def reproduce_cmd(
     if out_dir is None:
         raise PersonavecError("--out is required: the run folder that holds the manifest and report.html")
     settings.validate()
-    from ..engines import check_engine
-
-    check_engine(settings.engine, tensor_parallel_size)
+    check_engine_options(settings.engine, tensor_parallel_size, gpu_memory_utilization)
     m = load(settings.model, device, dtype, layers_path)
     with progress_bars() as cb:
-        result = reproduce(m, settings, out_dir, tensor_parallel_size=tensor_parallel_size, progress=cb)
+        result = reproduce(m, settings, out_dir, tensor_parallel_size=tensor_parallel_size,
+                           gpu_memory_utilization=gpu_memory_utilization, progress=cb)
     if as_json:
         emit_json({"run_dir": result.folder, "report": result.report, "ran": result.ran,
                    "stages": result.stages, "targets": result.targets})

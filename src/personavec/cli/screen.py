@@ -14,10 +14,12 @@ from ._common import (
     DeviceOpt,
     DtypeOpt,
     EngineOpt,
+    GpuMemoryOpt,
     JsonOpt,
     LayersPathOpt,
     ModelOpt,
     TensorParallelOpt,
+    check_engine_options,
     emit_json,
     load,
     out,
@@ -73,11 +75,12 @@ def screen_cmd(
     model: ModelOpt = None,
     allow_model_mismatch: AllowMismatchOpt = False,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Screen training data: projection difference ΔP per sample and per dataset, flags and a filtered copy."""
-    from ..engines import check_engine, open_engine
+    from ..engines import open_engine
     from ..screen import screen
     from ..screening.source import precheck
     from ..vectors import PersonaVector
@@ -87,9 +90,9 @@ def screen_cmd(
         precheck(calibrate)
     vecs = [PersonaVector.load(v) for v in vector]
     thr = _parse_thresholds(threshold)
-    check_engine(engine, tensor_parallel_size)
+    check_engine_options(engine, tensor_parallel_size, gpu_memory_utilization)
     m = load(model, device, dtype, layers_path)
-    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size, gpu_memory_utilization) as eng:
         res = screen(m, data, vecs, out_path, fast=fast, max_new_tokens=max_new_tokens, layer=layer,
                      batch_size=batch_size, chunk_size=chunk_size, threshold=thr, calibrate=calibrate,
                      percentile=percentile, filtered_out=filtered_out, run_dir=run_dir, cache=cache, ray=ray,

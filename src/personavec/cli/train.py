@@ -16,10 +16,12 @@ from ..progress import no_progress
 from ._common import (
     DeviceOpt,
     EngineOpt,
+    GpuMemoryOpt,
     JsonOpt,
     LayersPathOpt,
     ModelOpt,
     TensorParallelOpt,
+    check_engine_options,
     emit_json,
     info,
     load,
@@ -170,12 +172,13 @@ def elicit_cmd(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bf16 where fast).")] = None,
     layers_path: LayersPathOpt = None,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Trait-eliciting finetuning sets from the model's own answers (no API): normal (negative prompts),
     level1 (mild prompts), level2 (strong positive prompts); saved without the system prompt."""
     from ..data import ElicitSettings, elicit
-    from ..engines import check_engine, open_engine
+    from ..engines import open_engine
     from ..io import read_jsonl
     from ..traits import load_trait
 
@@ -188,9 +191,9 @@ def elicit_cmd(
     settings = ElicitSettings(rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature,
                               seed=seed, n_prompts=n_prompts, batch_size=batch_size)
     settings.validate()
-    check_engine(engine, tensor_parallel_size)
+    check_engine_options(engine, tensor_parallel_size, gpu_memory_utilization)
     m = load(model, device, dtype, layers_path)
-    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size) as eng:
+    with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size, gpu_memory_utilization) as eng:
         paths = elicit(m, loaded, out_dir, settings=settings, extra_questions=extra, engine=eng, progress=cb)
     rows = {level: len(read_jsonl(path)) for level, path in paths.items()}
     if as_json:

@@ -177,22 +177,34 @@ def make_engine(model: Model, name: str = "hf", **options: Any) -> Engine:
     raise EngineError(f"unknown engine '{name}'; choose one of {', '.join(ENGINES)}")
 
 
-def check_engine(name: str, tensor_parallel_size: int = 1) -> dict[str, Any]:
+def check_engine(name: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None
+                 ) -> dict[str, Any]:
     """The `make_engine` options for an engine a user named, checked before any model is loaded, so a wrong
-    name, a missing vllm package or a tensor-parallel size the hf engine cannot use fails in one line first."""
+    name, a missing vllm package or a vLLM-only option given to the hf engine fails in one line first.
+    `gpu_memory_utilization`: the share of each GPU vLLM may take (None = vLLM's default, 0.9); with
+    `--engine vllm` the Hugging Face copy of the model is on the GPU too, so leave room for it."""
     if name not in ENGINES:
         raise EngineError(f"unknown engine '{name}'; choose one of {', '.join(ENGINES)}")
     if tensor_parallel_size < 1:
         raise EngineError(f"--tensor-parallel-size must be at least 1, got {tensor_parallel_size}")
+    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+        raise EngineError(f"--gpu-memory-utilization is a share of each GPU's memory in (0, 1], got "
+                          f"{gpu_memory_utilization:g}")
     if name == "hf":
         if tensor_parallel_size != 1:
             raise EngineError("--tensor-parallel-size applies to the vllm engine; the hf engine runs the model as "
                               "loaded (split it over devices with --device-map)")
+        if gpu_memory_utilization is not None:
+            raise EngineError("--gpu-memory-utilization applies to the vllm engine; the hf engine takes the memory "
+                              "the loaded model needs")
         return {}
     from .vllm_engine import require_vllm
 
     require_vllm()
-    return {"tensor_parallel_size": tensor_parallel_size}
+    options: dict[str, Any] = {"tensor_parallel_size": tensor_parallel_size}
+    if gpu_memory_utilization is not None:
+        options["gpu_memory_utilization"] = gpu_memory_utilization
+    return options
 
 
 class LazyEngine:
@@ -236,10 +248,11 @@ class LazyEngine:
 
 
 @contextmanager
-def open_engine(model: Model, name: str = "hf", tensor_parallel_size: int = 1) -> Iterator[Engine]:
+def open_engine(model: Model, name: str = "hf", tensor_parallel_size: int = 1,
+                gpu_memory_utilization: float | None = None) -> Iterator[Engine]:
     """The engine one command or library call uses for all its generation: checked now, built on first use,
     closed on leaving (vLLM's worker processes end with it)."""
-    engine = LazyEngine(model, name, **check_engine(name, tensor_parallel_size))
+    engine = LazyEngine(model, name, **check_engine(name, tensor_parallel_size, gpu_memory_utilization))
     try:
         yield engine
     finally:

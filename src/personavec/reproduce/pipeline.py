@@ -50,14 +50,15 @@ class ReproduceResult:
 
 
 def reproduce(model: Model, settings: ReproduceSettings, out: str | Path, *, tensor_parallel_size: int = 1,
-              progress: Progress = no_progress) -> ReproduceResult:
+              gpu_memory_utilization: float | None = None, progress: Progress = no_progress) -> ReproduceResult:
     """Run (or resume) every stage of `settings` on `model` into the run folder `out`. `tensor_parallel_size`
-    (vllm engine) is where the run happens, not what it computes, so it is not a setting of the folder."""
+    and `gpu_memory_utilization` (vllm engine) are where the run happens, not what it computes, so they are not
+    settings of the folder."""
     settings.validate()
     traits = {n: load_trait(n) for n in settings.traits}
-    check_engine(settings.engine, tensor_parallel_size)
+    check_engine(settings.engine, tensor_parallel_size, gpu_memory_utilization)
     folder = manifest.open_folder(out, settings, model.model_id, model.fingerprint, list(STAGES))
-    with open_engine(model, settings.engine, tensor_parallel_size) as engine:
+    with open_engine(model, settings.engine, tensor_parallel_size, gpu_memory_utilization) as engine:
         ctx = Context(model=model, settings=settings, folder=folder, traits=traits, progress=progress, engine=engine)
         ran = run_stages(ctx)
     targets = all_targets(settings, ctx.results)
