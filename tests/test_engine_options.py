@@ -12,13 +12,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from click.testing import Result
+from conftest import Cli
 from typer.testing import CliRunner
 
 import personavec as pv
@@ -32,30 +31,7 @@ from personavec.evaluate import Condition, EvalSettings, evaluate
 from personavec.generation import generate, generate_ids
 from personavec.traits import load_trait
 
-Invoke = Callable[..., Result]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-
-
-@pytest.fixture(scope="module")
-def cli(model: pv.Model) -> Iterator[Invoke]:
-    """The command line in-process; the default model is the session's (no second load)."""
-    original = personavec.models.load_model
-
-    def load_model(spec: Any = None, **kwargs: Any) -> Any:
-        if spec is None and kwargs.get("dtype") is None and not kwargs.get("device_map"):
-            return model
-        return original(spec, **kwargs)
-
-    runner = CliRunner(env={"COLUMNS": "200", "HF_HUB_OFFLINE": "1"})
-
-    def invoke(*args: str) -> Result:
-        res = runner.invoke(app, list(args))
-        assert res.exit_code == 0, (res.output, res.exception)
-        return res
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(personavec.models, "load_model", load_model)
-        yield invoke
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +72,7 @@ def _files(folder: Path, *names: str) -> dict[str, str]:
 
 
 # ---- --engine hf is the default, and the steering it carries is the hooks' -----------------------------------
-def test_generate_engine_hf_equals_default_and_hooks(cli: Invoke, model: pv.Model, vec_file: Path) -> None:
+def test_generate_engine_hf_equals_default_and_hooks(cli: Cli, model: pv.Model, vec_file: Path) -> None:
     args = ["generate", "--json", "--vector", str(vec_file), "--coef", "-4", "--coef", "0", "--coef", "4",
             "--max-new-tokens", "6", "Say hello.", "Name a colour."]
     default = json.loads(cli(*args).stdout)
@@ -111,7 +87,7 @@ def test_generate_engine_hf_equals_default_and_hooks(cli: Invoke, model: pv.Mode
     assert default["prompts"][0]["answers"][0]["text"] != default["prompts"][0]["answers"][1]["text"]
 
 
-def test_eval_engine_hf_equals_default(cli: Invoke, model: pv.Model, vec_file: Path, tmp_path: Path) -> None:
+def test_eval_engine_hf_equals_default(cli: Cli, model: pv.Model, vec_file: Path, tmp_path: Path) -> None:
     runs = {}
     for name, extra in (("default", []), ("hf", ["--engine", "hf"])):
         runs[name] = tmp_path / name
