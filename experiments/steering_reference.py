@@ -15,29 +15,36 @@ The rule and the grid were fixed before the first run.
 
 Resumable (per-question rows are appended to measure.jsonl as each cell finishes). Writes results.json,
 results.md and measure.jsonl (one row per trait × vector × layer × coef × question, to redo any statistic).
+The script only measures: the choice rule and the held-out statistics are the library's (`choose_by_rise`,
+`heldout` in personavec.reproduce.steering), and tests/test_steering_replay.py replays them from the committed
+measure.jsonl and perplexity.jsonl without a model.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import personavec as pv
 from personavec.capability import perplexity
 from personavec.controls import matched_norm, random_like
+from personavec.errors import PersonavecError
 from personavec.evaluate import question_indices
 from personavec.io import append_jsonl, read_jsonl, write_json, write_text
 from personavec.reference import reference_measure
+from personavec.reproduce.records import Interval, interval
+from personavec.reproduce.steering import GridChoice, choose_by_rise, grid_cell, heldout, paired_rise
 from personavec.runs import open_run
-from personavec.stats import bootstrap_ci, mean_se
 from personavec.traits import builtin_traits
 
 LAYERS = (6, 10, 14, 18, 22)
 COEFS = (2.0, 4.0, 6.0)
 PPL_MAX = 1.5
 RANDOM_SEEDS = (0, 1, 2)
+RISE_VS_RANDOM = 3.0  # the own rise must be at least this many times the largest random |rise|
 VECTORS = Path("experiments/out/monitor_eval")
 
 
@@ -75,19 +82,17 @@ class Cells:
 def rise(cells: Cells, model: pv.Model, trait: Any, name: str, vec: pv.PersonaVector, layer: int, c: float,
          half: str) -> list[float]:
     """Per-question rise of the reference measure from −c to +c."""
-    up = cells.get(model, trait, name, vec, layer, c, half)
-    down = cells.get(model, trait, name, vec, layer, -c, half)
-    return [up[q] - down[q] for q in sorted(up)]
+    return paired_rise(cells.get(model, trait, name, vec, layer, c, half),
+                       cells.get(model, trait, name, vec, layer, -c, half))
 
 
-def summary(xs: list[float]) -> dict[str, Any]:
-    m, se, n = mean_se(xs)
-    lo, hi = bootstrap_ci(xs)
-    return {"mean": m, "se": se, "n": n, "ci95": [lo, hi]}
+def summary(i: Interval) -> dict[str, Any]:
+    return {"mean": i.mean, "se": i.se, "n": i.n, "ci95": [i.low, i.high]}
 
 
 def choose(cells: Cells, model: pv.Model, trait: Any, vec: pv.PersonaVector,
-           ppl: dict[tuple[str, int, float], float], base_ppl: float) -> dict[str, Any]:
+           ppl: dict[tuple[str, int, float], float], base_ppl: float) -> GridChoice:
+    """Measure the selection grid (cached) and choose with the library's rule."""
     grid = []
     for layer in LAYERS:
         for c in COEFS:
@@ -95,15 +100,12 @@ def choose(cells: Cells, model: pv.Model, trait: Any, vec: pv.PersonaVector,
                 if (trait.name, layer, signed) not in ppl:
                     with vec.steer(model, layer=layer, coef=signed, allow_mismatch=True):
                         ppl[(trait.name, layer, signed)] = perplexity(model)
-            r = rise(cells, model, trait, "own", vec, layer, c, "first")
-            ratio = max(ppl[(trait.name, layer, c)], ppl[(trait.name, layer, -c)]) / base_ppl
-            grid.append({"layer": layer, "coef": c, "rise": sum(r) / len(r), "ppl_ratio": ratio,
-                         "kept": ratio <= PPL_MAX})
-    kept = [g for g in grid if g["kept"]]
-    if not kept:
-        raise SystemExit(f"{trait.name}: no cell kept perplexity within {PPL_MAX}x")
-    best = max(kept, key=lambda g: g["rise"])
-    return {"layer": best["layer"], "coef": best["coef"], "selection_rise": best["rise"], "grid": grid}
+            grid.append(grid_cell(layer, c, rise(cells, model, trait, "own", vec, layer, c, "first"),
+                                  ppl[(trait.name, layer, c)], ppl[(trait.name, layer, -c)], base_ppl, PPL_MAX))
+    try:
+        return choose_by_rise(grid)
+    except PersonavecError as e:
+        raise SystemExit(f"{trait.name}: {e} (limit {PPL_MAX}x)") from None
 
 
 def main() -> None:
@@ -138,30 +140,28 @@ def main() -> None:
         pick = choose(cells, model, trait, vec, ppl, base_ppl)
         append_jsonl(ppl_path, [{"trait": k[0], "layer": k[1], "coef": k[2], "perplexity": v}
                                 for k, v in ppl.items() if k not in before])
-        layer, c = pick["layer"], pick["coef"]
+        layer, c = pick.layer, pick.coef
         own = rise(cells, model, trait, "own", vec, layer, c, "second")
         randoms = {f"random{s}": rise(cells, model, trait, f"random{s}", random_like(vec, s), layer, c, "second")
                    for s in RANDOM_SEEDS}
         others = {o: rise(cells, model, trait, o, matched_norm(vectors[o], vec), layer, c, "second")
                   for o in builtin_traits() if o != name}
         base = cells.get(model, trait, "none", None, None, 0.0, "second")
-        max_random = max(abs(sum(r) / len(r)) for r in randoms.values())
-        own_mean = sum(own) / len(own)
-        best_other = max(others, key=lambda o: sum(others[o]) / len(others[o]))
-        res = {"layer": layer, "coef": c, "selection_rise": pick["selection_rise"], "grid": pick["grid"],
-               "base_mean": sum(base.values()) / len(base), "own": summary(own),
-               "own_minus_random0": summary([a - b for a, b in zip(own, randoms["random0"], strict=True)]),
-               "random": {k: summary(v) for k, v in randoms.items()},
-               "others": {k: summary(v) for k, v in others.items()},
-               "max_abs_random_rise": max_random,
-               "ratio_to_random": own_mean / max_random if max_random > 0 else None,
-               "best_other": best_other, "best_other_rise": sum(others[best_other]) / len(others[best_other])}
-        res["target_interval_and_3x_random"] = bool(res["own"]["ci95"][0] > 0 and own_mean >= 3 * max_random)
-        res["target_own_beats_others"] = bool(own_mean > res["best_other_rise"])
+        h = heldout(own, randoms, others, k=RISE_VS_RANDOM)
+        res = {"layer": layer, "coef": c, "selection_rise": pick.selection_rise,
+               "grid": [asdict(g) for g in pick.grid],
+               "base_mean": sum(base.values()) / len(base), "own": summary(h.own),
+               "own_minus_random0": summary(interval([a - b for a, b in zip(own, randoms["random0"], strict=True)])),
+               "random": {k: summary(v) for k, v in h.random.items()},
+               "others": {k: summary(v) for k, v in h.others.items()},
+               "max_abs_random_rise": h.max_abs_random, "ratio_to_random": h.ratio_to_random,
+               "best_other": h.best_other, "best_other_rise": h.best_other_rise,
+               "target_interval_and_3x_random": h.interval_above_zero and h.beats_random,
+               "target_own_beats_others": bool(h.beats_others)}
         results["traits"][name] = res
-        print(f"{name:>13}: L{layer} c={c:g} own rise {own_mean:+.3f} {res['own']['ci95']}, "
-              f"random max |rise| {max_random:.3f} (x{res['ratio_to_random'] or 0:.1f}), best other "
-              f"{best_other} {res['best_other_rise']:+.3f}  [{time.time() - t0:.0f}s]", flush=True)
+        print(f"{name:>13}: L{layer} c={c:g} own rise {h.own.mean:+.3f} {res['own']['ci95']}, "
+              f"random max |rise| {h.max_abs_random:.3f} (x{h.ratio_to_random or 0:.1f}), best other "
+              f"{h.best_other} {h.best_other_rise:+.3f}  [{time.time() - t0:.0f}s]", flush=True)
     results["n_interval_and_3x_random"] = sum(r["target_interval_and_3x_random"] for r in results["traits"].values())
     results["n_own_beats_others"] = sum(r["target_own_beats_others"] for r in results["traits"].values())
     results["seconds"] = round(time.time() - t0)

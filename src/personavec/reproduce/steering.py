@@ -5,7 +5,9 @@ rise over the unsteered model among cells whose fluency holds), then report on t
 choice never saw: at the chosen layer and coefficient c, the per-question rise of the reference measure from
 −c to +c for the trait's own vector, for seeded random directions and for every other trait's vector (both at
 the own vector's per-layer norm), with 95% bootstrap intervals over questions. `heldout` holds the statistics
-of experiments/steering_reference.py (issue 12's targets) as a library function."""
+of experiments/steering_reference.py (issue 12's targets) as a library function, and `choose_by_rise` that
+experiment's own choice rule (largest −c → +c rise among cells whose neutral-text perplexity holds), pure over
+measured values so the committed choice can be replayed without a model."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..controls import matched_norm, random_like
+from ..errors import PersonavecError
 from ..evaluate import Condition, EvalSettings, evaluate, question_indices
 from ..io import read_jsonl
 from ..reference import NAME as REFERENCE
@@ -24,6 +27,47 @@ from .extraction import ExtractionResult
 from .records import Interval, interval
 
 OWN = "own"
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """One layer × c cell of the selection grid, as measured."""
+
+    layer: int
+    coef: float
+    rise: float  # mean rise of the measure from −coef to +coef over the selection questions
+    ppl_ratio: float  # the larger of the neutral-text perplexities at ±coef ÷ the unsteered perplexity
+    kept: bool  # ppl_ratio within the limit: only kept cells can be chosen
+
+
+@dataclass(frozen=True)
+class GridChoice:
+    """The chosen cell and the whole grid it was chosen from (to show what the rule saw)."""
+
+    layer: int
+    coef: float
+    selection_rise: float
+    grid: tuple[GridCell, ...]
+
+
+def grid_cell(layer: int, coef: float, rises: Sequence[float], ppl_up: float, ppl_down: float, base_ppl: float,
+              ppl_max: float) -> GridCell:
+    """A cell from its per-question rises and the perplexities at +coef, −coef and unsteered; steering either way
+    must keep the text fluent, so the worse of the two decides."""
+    ratio = max(ppl_up, ppl_down) / base_ppl
+    return GridCell(layer=layer, coef=coef, rise=sum(rises) / len(rises), ppl_ratio=ratio, kept=ratio <= ppl_max)
+
+
+def choose_by_rise(grid: Sequence[GridCell]) -> GridChoice:
+    """The kept cell with the largest rise (the first in grid order on a tie): the rule of
+    experiments/steering_reference.py, fixed before its first run."""
+    kept = [g for g in grid if g.kept]
+    if not kept:
+        least = min((g.ppl_ratio for g in grid), default=float("nan"))
+        raise PersonavecError(f"no cell of the layer × coefficient grid kept neutral-text perplexity within the "
+                              f"limit (smallest ratio to the unsteered perplexity: {least:.2f})")
+    best = max(kept, key=lambda g: g.rise)
+    return GridChoice(layer=best.layer, coef=best.coef, selection_rise=best.rise, grid=tuple(grid))
 
 
 @dataclass(frozen=True)
@@ -99,7 +143,11 @@ def rises(cells: Mapping[str, Mapping[int, float]], layer: int, coef: float, con
         cell = Condition(layer, c).cell
         return cell if control is None else f"{control}:{cell}"
 
-    up, down = cells[key(coef)], cells[key(-coef)]
+    return paired_rise(cells[key(coef)], cells[key(-coef)])
+
+
+def paired_rise(up: Mapping[int, float], down: Mapping[int, float]) -> list[float]:
+    """Per-question rise from the values at −c (`down`) to those at +c (`up`), in question order."""
     return [up[q] - down[q] for q in sorted(up) if q in down]
 
 
