@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from ._version import __version__
 from .capture import Sample, capture_means
 from .chat import encode_chat, encode_response, messages_for
 from .engines import engine_record, engine_scope, run_settings

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import VectorError
 from ..io import atomic_path
 from ..vectors import LAYER_CONVENTION, PersonaVector, now_iso

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import TraitError, VectorError
 from ..io import atomic_path, sha256_file
 from ..vectors import LAYER_CONVENTION, PersonaVector, now_iso
