@@ -39,6 +39,14 @@ def test_overrides_are_typed_and_checked() -> None:
     with_overrides(preset("paper"), ["judge=openai:gpt-4.1-mini"]).validate()
 
 
+def test_sweep_rule_is_checked_in_one_line() -> None:
+    """The experiment's rule is the default; `personavec sweep`'s is one --set away; anything else is refused."""
+    assert preset("cpu").sweep.rule == "rise" and preset("cpu").sweep.ppl_ratio_max == 1.5
+    with_overrides(preset("smoke"), ["sweep.rule=sweep"]).validate()
+    with pytest.raises(pv.PersonavecError, match=r"^unknown sweep.rule 'bogus'; choose one of rise, sweep$"):
+        with_overrides(preset("smoke"), ["sweep.rule=bogus"]).validate()
+
+
 def test_heldout_statistics() -> None:
     """Issue 12's two steering tests on hand-made rises: interval above 0 and ≥ 3× random; beats others."""
     h = heldout([1.0, 1.2, 0.8, 1.1], {"random0": [0.1, -0.1, 0.2, 0.0], "random1": [-0.3, -0.2, -0.2, -0.3]},
@@ -108,6 +116,19 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
     own = [cell[(f"L{layer}_c{c:+g}", q)] - cell[(f"L{layer}_c{-c:+g}", q)] for q in sweep["report_questions"]]
     assert sweep["heldout"]["own"]["mean"] == pytest.approx(sum(own) / len(own))
     assert set(sweep["rises"]) == {"own", "random0"}
+    # the default rule (the experiment's): the grid it chose from, one cell in the smoke preset, largest kept rise
+    assert sweep["rule"] == "rise" and "rise" in sweep["criterion"]
+    grid = sweep["grid"]
+    assert [(g["layer"], g["coef"]) for g in grid] == [(*settings.sweep.layers, *settings.sweep.coefs)]
+    best = max((g for g in grid if g["kept"]), key=lambda g: g["rise"])
+    assert (best["layer"], best["coef"]) == (layer, c) and sweep["selection_change"] == pytest.approx(best["rise"])
+    assert all(g["kept"] == (g["ppl_ratio"] <= settings.sweep.ppl_ratio_max) for g in grid)
+    sel = {(r["cell"], r["question_idx"]): r["value"] for r in read_jsonl(out / sweep["select_dir"] / "measure.jsonl")}
+    sel_rise = [sel[(f"L{layer}_c{c:+g}", q)] - sel[(f"L{layer}_c{-c:+g}", q)] for q in sweep["selection_questions"]]
+    assert grid[0]["rise"] == pytest.approx(sum(sel_rise) / len(sel_rise))
+    ppl = {r["key"]: r["perplexity"] for r in read_jsonl(out / sweep["select_dir"] / "perplexity.jsonl")}
+    assert set(ppl) == {"base", f"L{layer}_c{c:+g}", f"L{layer}_c{-c:+g}"}
+    assert grid[0]["ppl_ratio"] == pytest.approx(max(ppl[f"L{layer}_c{c:+g}"], ppl[f"L{layer}_c{-c:+g}"]) / ppl["base"])
     cap = json.loads((out / "capability.json").read_text())
     assert len(cap["base"]["perplexity"]) == settings.capability.n_texts
     assert len(cap["base"]["quiz"]) == settings.capability.n_quiz

@@ -21,7 +21,7 @@ from ..reproduce.records import Interval, Target
 from ..reproduce.screening import ScreenResult
 from ..reproduce.settings import ReproduceSettings, flatten
 from ..reproduce.sharegpt import ShareGPTResult
-from ..reproduce.steering import SteeringResult
+from ..reproduce.steering import SteeringResult, SteeringTrait
 from .html import _CSS, LAYER_CONVENTION, _img, _kv_table, read_cells
 from .plots import metric_vs_coef
 from .reproduce_plots import delta_p_histogram, rise_bars
@@ -95,8 +95,10 @@ def steering_section(res: SteeringResult, folder: Path) -> str:
         rows += [[f"{escape(n)} (other trait, matched norm)", _ci(i)] for n, i in h.others.items()]
         parts.append(f"<h3>{escape(name)}: layer {t.layer}, coefficient ±{t.coef:g}</h3>"
                      f'<p class="note">Chosen on evaluation questions {t.selection_questions} '
-                     f"(rise over coefficient 0 there: {t.selection_change:+.3f}); criterion: {escape(t.criterion)}. "
+                     f"({'rise −c→+c' if t.rule == 'rise' else 'rise over coefficient 0'} there: "
+                     f"{t.selection_change:+.3f}); criterion: {escape(t.criterion)}. "
                      f"Reported on questions {t.report_questions}, which the choice never saw.</p>"
+                     + _grid_table(t)
                      + _table(["vector at the chosen layer and norm", "held-out rise −c→+c (nats/token) [95% CI]"],
                               rows))
         labels = [f"{name} (own)", *h.random, *h.others]
@@ -109,7 +111,10 @@ def steering_section(res: SteeringResult, folder: Path) -> str:
         cells = folder / t.select_dir / "cells.csv"
         if cells.exists():
             _, rows_all = read_cells(cells)
-            own = [r for r in rows_all if not r.get("control")]
+            own = [r for r in rows_all if not r.get("control") and r["layer"] is not None]
+            layers = dict.fromkeys(g.layer for g in t.grid)  # rule rise: its one unsteered cell, drawn per layer
+            own += [{**r, "layer": layer} for r in rows_all if r["layer"] is None and not r.get("control")
+                    for layer in layers]
             png = metric_vs_coef(own, "trait_mean", "reference measure (nats/token)", chosen=(t.layer, t.coef))
             if png is not None:
                 parts.append(_img(png, f"{name} sweep", "Selection half: the reference measure against the "
@@ -123,6 +128,14 @@ def steering_section(res: SteeringResult, folder: Path) -> str:
             f"layer {t.layer} changed how much likelier the model finds authored {name} answers than non-{name} ones "
             f"by {h.own.text()} nats per token, {ratio}{other}."))
     return "".join(parts)
+
+
+def _grid_table(t: SteeringTrait) -> str:
+    """Rule "rise": every cell the choice saw (empty for rule "sweep", whose cells.csv plot shows them)."""
+    rows = [[str(g.layer), f"{g.coef:g}", f"{g.rise:+.3f}", f"{g.ppl_ratio:.2f}", "yes" if g.kept else "no",
+             "◉" if (g.layer, g.coef) == (t.layer, t.coef) else ""] for g in t.grid]
+    return _table(["layer", "c", "selection rise −c→+c", "perplexity ratio (worse of ±c)", "kept", "chosen"],
+                  rows) if rows else ""
 
 
 def _ratio(i: Interval) -> str:

@@ -21,8 +21,10 @@ from .settings import (
 SMOKE = ReproduceSettings(
     preset="smoke", traits=("evil",),
     extract=ExtractStage(n_questions=2, n_pairs=2, rollouts=1, max_new_tokens=12),
-    sweep=SweepStage(layers=(18,), coefs=(4.0,), n_select=2, n_report=3, max_new_tokens=6, random_seeds=(0,),
-                     selection_controls=True, coherence_min=0.0),  # one cell: nothing to choose between
+    # one cell: nothing to choose between. c = 1, not 4: this tiny extraction's vector is ~3× the issue-12 vector's
+    # norm at layer 18, and at c = 4 neutral-text perplexity rises ~100× (the rise rule keeps nothing above 1.5×)
+    sweep=SweepStage(layers=(18,), coefs=(1.0,), n_select=2, n_report=3, max_new_tokens=6, random_seeds=(0,),
+                     selection_controls=True, coherence_min=0.0),
     capability=CapabilityStage(n_texts=3, n_quiz=6),
     monitor=MonitorStage(n_questions=2, conditions=("graded",), shots=(), rollouts=1, max_new_tokens=6),
     finetune=FinetuneStage(sets=("normal", "II"), seeds=(0,), batch_size=4, max_length=96, max_steps=1,
@@ -34,7 +36,9 @@ SMOKE = ReproduceSettings(
 CPU = ReproduceSettings(
     preset="cpu", traits=("evil", "sycophantic", "hallucinating"),
     extract=ExtractStage(n_questions=10, n_pairs=None, rollouts=1, max_new_tokens=32),
-    sweep=SweepStage(layers=(10, 14, 18, 22), coefs=(2.0, 4.0, 6.0), n_select=10, n_report=10, max_new_tokens=16,
+    # c = 1 beside issue 12's 2 and 4: a vector from 10 questions can be longer than the committed ones, and the
+    # rise rule keeps only cells within 1.5× the unsteered perplexity
+    sweep=SweepStage(layers=(10, 14, 18, 22), coefs=(1.0, 2.0, 4.0), n_select=10, n_report=10, max_new_tokens=16,
                      random_seeds=(0, 1, 2), selection_controls=False),
     capability=CapabilityStage(n_texts=None, n_quiz=None),
     monitor=MonitorStage(n_questions=10, conditions=("graded", "many_shot"), shots=(0, 5, 10), rollouts=1,

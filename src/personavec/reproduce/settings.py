@@ -25,9 +25,15 @@ class ExtractStage:
     temperature: float = 1.0
 
 
+#: The sweep stage's choice rules (see personavec.reproduce.steering).
+RULES = ("rise", "sweep")
+
+
 @dataclass(frozen=True)
 class SweepStage:
     """Layer × coefficient sweep: chosen on the first half of the evaluation questions, reported on the second."""
+
+    rule: str = "rise"  # "rise": experiments/steering_reference.py's rule; "sweep": `personavec sweep`'s rule
 
     layers: tuple[int, ...] | None = None  # None = `personavec.sweep.default_layers`
     coefs: tuple[float, ...] = (2.0, 4.0, 6.0)  # positive strengths; the report compares −c with +c
@@ -36,7 +42,8 @@ class SweepStage:
     max_new_tokens: int = 16  # answers generated per cell (their fluency is the coherence check)
     random_seeds: tuple[int, ...] = (0, 1, 2)  # random directions at the vector's per-layer norm
     selection_controls: bool = False  # also run the controls over the whole selection grid (curves per layer)
-    coherence_min: float | None = None  # fluency floor of a chosen cell (None = half the unsteered fluency)
+    coherence_min: float | None = None  # rule "sweep": fluency floor of a chosen cell (None = half the unsteered)
+    ppl_ratio_max: float = 1.5  # rule "rise": neutral-text perplexity at ±c at most this many times the unsteered
     rise_vs_random: float = 3.0  # target: own rise at least this many times the largest random |rise|
 
 
@@ -120,6 +127,8 @@ class ReproduceSettings:
             raise PersonavecError(f"--traits names a trait twice: {','.join(self.traits)}")
         if not self.sweep.coefs or any(c <= 0 for c in self.sweep.coefs):
             raise PersonavecError("sweep.coefs must be positive strengths (the report compares −c with +c)")
+        if self.sweep.rule not in RULES:
+            raise PersonavecError(f"unknown sweep.rule '{self.sweep.rule}'; choose one of {', '.join(RULES)}")
         if not self.sweep.random_seeds:
             raise PersonavecError("sweep.random_seeds needs at least one seed: the random direction is the control")
         if self.screen.sharegpt_n < 0 or self.screen.sharegpt_top < 1:

@@ -1,8 +1,10 @@
 """Stage 2: the layer × coefficient sweep with the reference measure and its controls.
 
-Choose on the first half of the evaluation questions (`personavec.sweep.sweep`, its `choose` rule: the largest
-rise over the unsteered model among cells whose fluency holds), then report on the second half, which the
-choice never saw: at the chosen layer and coefficient c, the per-question rise of the reference measure from
+Choose on the first half of the evaluation questions, by default (`sweep.rule=rise`) with the rule of
+experiments/steering_reference.py (`choose_by_rise`: the largest −c → +c rise of the reference measure among
+cells whose neutral-text perplexity at ±c holds), so that reproduce and the experiment compute the same thing
+(issue 17); `sweep.rule=sweep` keeps `personavec.sweep.sweep`'s rule (the largest rise over the unsteered model
+among cells whose fluency holds). Then report on the second half, which the choice never saw: at the chosen layer and coefficient c, the per-question rise of the reference measure from
 −c to +c for the trait's own vector, for seeded random directions and for every other trait's vector (both at
 the own vector's per-layer norm), with 95% bootstrap intervals over questions. `heldout` holds the statistics
 of experiments/steering_reference.py (issue 12's targets) as a library function, and `choose_by_rise` that
@@ -15,12 +17,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..capability import neutral_texts, perplexity
 from ..controls import matched_norm, random_like
 from ..errors import PersonavecError
 from ..evaluate import Condition, EvalSettings, evaluate, question_indices
 from ..io import read_jsonl
 from ..reference import NAME as REFERENCE
-from ..sweep import sweep
+from ..runs import Records
+from ..sweep import default_layers, sweep
 from ..vectors import PersonaVector
 from .context import Context
 from .extraction import ExtractionResult
@@ -120,6 +124,8 @@ class SteeringTrait:
     rises: dict[str, list[float]]  # per report question: own, each random direction, each other trait
     select_dir: str  # run folders (relative to the run folder): cells.csv, measure.jsonl, answers.jsonl
     report_dir: str
+    rule: str = "sweep"  # the choice rule (sweep.rule); "sweep" for folders written before the rise rule
+    grid: tuple[GridCell, ...] = ()  # rule "rise": every cell the choice saw (empty for rule "sweep")
 
 
 @dataclass(frozen=True)
@@ -169,10 +175,19 @@ def steer_trait(ctx: Context, name: str, vectors: Mapping[str, PersonaVector]) -
                             seed=s.seed, half=half)
 
     select_dir, report_dir = ctx.stage_dir("sweep", name) / "select", ctx.stage_dir("sweep", name) / "report"
-    choice = sweep(ctx.model, loaded, vec, layers=w.layers, coefs=list(w.coefs), judge=REFERENCE,
-                   settings=settings("first", w.n_select), run_dir=select_dir, coherence_min=w.coherence_min,
-                   controls=controls if w.selection_controls else None, engine=ctx.engine, progress=ctx.progress)
-    layer, coef = choice.best_layer, float(choice.best_coef)  # float: the settings may give an int
+    grid: tuple[GridCell, ...] = ()
+    if w.rule == "rise":
+        pick = select_by_rise(ctx, name, vec, settings("first", w.n_select), select_dir,
+                              controls if w.selection_controls else None)
+        layer, coef, criterion, change, grid = pick.layer, pick.coef, rise_criterion(w.ppl_ratio_max), \
+            pick.selection_rise, pick.grid
+    else:
+        choice = sweep(ctx.model, loaded, vec, layers=w.layers, coefs=list(w.coefs), judge=REFERENCE,
+                       settings=settings("first", w.n_select), run_dir=select_dir, coherence_min=w.coherence_min,
+                       controls=controls if w.selection_controls else None, engine=ctx.engine,
+                       progress=ctx.progress)
+        layer, coef = choice.best_layer, float(choice.best_coef)  # float: the settings may give an int
+        criterion, change = choice.criterion, choice.trait_change
     evaluate(ctx.model, loaded, vector=vec, judge=REFERENCE, settings=settings("second", w.n_report),
              conditions=[Condition(layer, -coef), Condition(None, 0.0), Condition(layer, coef)],
              run_dir=report_dir, kind="reproduce-heldout", controls=controls, engine=ctx.engine, progress=ctx.progress,
@@ -181,11 +196,52 @@ def steer_trait(ctx: Context, name: str, vectors: Mapping[str, PersonaVector]) -
     table = {OWN: rises(cells, layer, coef), **{n: rises(cells, layer, coef, n) for n in controls}}
     n_eval = len(loaded.trait.evaluation_questions)
     return SteeringTrait(
-        trait=name, layer=layer, coef=coef, criterion=choice.criterion,
-        selection_change=choice.trait_change,
+        trait=name, layer=layer, coef=coef, criterion=criterion, selection_change=change,
         selection_questions=question_indices(n_eval, "first", w.n_select),
         report_questions=question_indices(n_eval, "second", w.n_report),
         heldout=heldout(table[OWN], {n: table[n] for n in randoms}, {n: table[n] for n in others},
                         w.rise_vs_random),
         rises=table, select_dir=str(select_dir.relative_to(ctx.folder)),
-        report_dir=str(report_dir.relative_to(ctx.folder)))
+        report_dir=str(report_dir.relative_to(ctx.folder)), rule=w.rule, grid=grid)
+
+
+def rise_criterion(ppl_max: float) -> str:
+    return (f"rise: the largest mean rise of the reference measure from −c to +c on the selection half, among "
+            f"cells whose neutral-text perplexity at +c and at −c stays within {ppl_max:g}× the unsteered one "
+            "(the rule of experiments/steering_reference.py)")
+
+
+def select_by_rise(ctx: Context, name: str, vec: PersonaVector, settings: EvalSettings, run_dir: Path,
+                   controls: Mapping[str, PersonaVector] | None) -> GridChoice:
+    """The experiment's choice on the selection half: the reference measure at ±c for every layer (and the
+    unsteered cell, for the plot), neutral-text perplexity at ±c, stored in `run_dir` so a rerun measures
+    nothing twice. The texts are the capability stage's (`capability.n_texts`), at the CPU preset all of them,
+    as in the experiment."""
+    w = ctx.settings.sweep
+    layers = list(default_layers(ctx.model.n_layers) if w.layers is None else w.layers)
+    coefs = [float(c) for c in w.coefs]
+    conditions = [Condition(layer, sc) for layer in layers for c in coefs for sc in (-c, c)]
+    evaluate(ctx.model, ctx.traits[name], vector=vec, judge=REFERENCE, settings=settings,
+             conditions=[Condition(None, 0.0), *conditions], run_dir=run_dir, kind="reproduce-select",
+             controls=controls, engine=ctx.engine, progress=ctx.progress,
+             extra_settings={"rule": "rise", "layers": layers, "coefs": coefs})
+    cells = per_question(run_dir)
+    texts = neutral_texts()[: ctx.settings.capability.n_texts]
+    done = Records(run_dir / "perplexity.jsonl")
+
+    def ppl(cond: Condition) -> float:
+        key = cond.cell
+        if key not in done:
+            if cond.steered:
+                with vec.steer(ctx.model, layer=cond.layer, coef=cond.coef):
+                    value = perplexity(ctx.model, texts)
+            else:
+                value = perplexity(ctx.model, texts)
+            done.add([{"key": key, "layer": cond.layer, "coef": cond.coef, "n_texts": len(texts),
+                       "perplexity": value}])
+        return float(done[key]["perplexity"])
+
+    base = ppl(Condition(None, 0.0))
+    grid = [grid_cell(layer, c, rises(cells, layer, c), ppl(Condition(layer, c)), ppl(Condition(layer, -c)), base,
+                      w.ppl_ratio_max) for layer in layers for c in coefs]
+    return choose_by_rise(grid)
