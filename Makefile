@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 DEMO ?= demo-out
 # The demo's steering strength: ±K × the evil vector at its layer (see README, "measured figures").
 K ?= 4
+# pytest workers (pytest-xdist, whole files per worker so module fixtures are built once): one per core.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint typecheck bench clean
 
@@ -41,7 +43,7 @@ typecheck: install
 	$(BIN)/mypy src
 
 test: install lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/python benchmarks/capture_speed.py

@@ -10,6 +10,7 @@ subprocess."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -21,9 +22,13 @@ import torch
 from click.testing import CliRunner, Result
 
 import personavec as pv
+import personavec.cli._common
 import personavec.models
 
 CLI_ENV = {"COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one torch thread each
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def hook_ids(model: pv.Model) -> list[tuple[frozenset[int], frozenset[int]]]:
@@ -120,7 +125,17 @@ def cli(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Cli:
 
     def invoke(*args: str, ok: bool = True, columns: int = 200) -> Result:
         env = {**CLI_ENV, "COLUMNS": str(columns)}
-        res = runner.invoke(_ConsoleScript(), list(args), env=env)  # type: ignore[arg-type]
+        # rich fixes a console's width when COLUMNS is set as it is made, so the width a test asks for is
+        # given to the command line's consoles directly, and their own setting restored after
+        consoles = (personavec.cli._common.out, personavec.cli._common.err)
+        saved = [c._width for c in consoles]
+        for c in consoles:
+            c.width = columns
+        try:
+            res = runner.invoke(_ConsoleScript(), list(args), env=env)  # type: ignore[arg-type]
+        finally:
+            for c, w in zip(consoles, saved, strict=True):
+                c._width = w
         if ok:
             assert res.exit_code == 0, (res.output, res.exception)
         return res
