@@ -165,6 +165,9 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
     for stage in ("finetune", "screen"):  # the vaccine and ShareGPT parts are not run, and say so
         assert [t["met"] for t in targets if t["stage"] == stage and "not run by reproduce yet" in t["value"]] == [None]
     assert all(isinstance(t["met"], bool) for t in targets if t["stage"] in ("sweep", "capability"))
+    # (a) and (b) over two datasets are no test (r only orders II above normal): not tested, and it says why
+    ab = [t for t in targets if t["stage"] == "finetune" and ("(a)" in t["name"] or "(b)" in t["name"])]
+    assert len(ab) == 2 and all(t["met"] is None and "not a test" in t["value"] for t in ab)
 
     # the command line on the finished folder: nothing to redo; other settings are refused, not mixed
     monkeypatch.setitem(pipeline_mod.STAGES, "monitor", real_monitor)

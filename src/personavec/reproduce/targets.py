@@ -17,6 +17,8 @@ from .steering import SteeringResult
 ISSUE12 = "issue 12"
 ISSUE13 = "issue 13"
 VACCINE_CLAIM = "(c) preventative steering removes ≥ 50% at ≤ 5% perplexity cost"
+#: (a) and (b) correlate over finetunes of different datasets; with two datasets r is ±1 up to seed noise
+MIN_SETS = 3
 SHAREGPT_CLAIM = "(d) top-500 > random-500 after finetuning for ≥ 2 of 3 traits"
 
 
@@ -66,8 +68,14 @@ def finetune_targets(res: FinetuneResult, r_shift: float, r_dp: float) -> list[T
         out.append(Target("finetune", f"{name}: II finetune above the normal one (paired by seed, interval above 0)",
                           "– (needs the normal and II sets)" if d is None else f"{d.text()} (n = {d.n} seeds)", None if d is None
                           else d.above_zero, ISSUE13))
+        n_sets = len({r.set for r in t.runs})
         for label, r, goal in (("(a) finetuning shift", t.r_shift, r_shift),
                                ("(b) dataset ΔP before training", t.r_delta_p, r_dp)):
+            if n_sets < MIN_SETS:  # two datasets: r only says which of them raised the trait more
+                out.append(Target("finetune", f"{name}: {label} vs trait change: r ≥ {goal:g}",
+                                  f"{r.text()}, over {n_sets} set(s): not a test (needs ≥ {MIN_SETS} sets, "
+                                  "e.g. finetune.sets=normal,mix050,II)", None, ISSUE13))
+                continue
             out.append(Target("finetune", f"{name}: {label} vs trait change: r ≥ {goal:g}", r.text(),
                               None if r.r is None else r.r >= goal, ISSUE13))
     out.append(Target("finetune", VACCINE_CLAIM, "not run by reproduce yet: the vaccine comparison is "
