@@ -10,7 +10,9 @@ evaluation questions and its trait level is measured. The measure (`measure` in 
   UNSTEERED. `contrast` is built from the trait's own prompt pairs, so it says how "prompt-like" an answer is
   and cannot test the vector on its own; with a judge, a `prompted` judge-free measure is also computed
   (likelihood of answers the model wrote under the trait's positive / negative prompts, stored in the run).
-Judges without a coherence score get a judge-free fluency proxy instead.
+Judges without a coherence score get a judge-free fluency proxy instead. With the reference measure,
+`generate=False` skips the answers altogether (no answers.jsonl rows, no coherence): the measure reads the
+authored references under the same steering, so its values are those of a run that generates.
 
 Controls (`controls`: a seeded random direction and other traits' vectors, each at the trait vector's
 per-layer norm) run the same steered conditions; their cells carry `control` = the control's name.
@@ -87,6 +89,7 @@ class EvalSettings:
     n_reference: int | None = None  # questions with reference answers for the judge-free measure (None = all)
     capability: bool = False  # also measure perplexity and quiz accuracy under each condition
     half: str = "all"  # which evaluation questions: all, first (choose settings here) or second (report here)
+    generate: bool = True  # False: reference measure only, no answers and no coherence (nothing reads them)
 
     def validate(self) -> None:
         if (self.n_questions is not None and self.n_questions < 1) or self.rollouts < 1 or self.max_new_tokens < 1:
@@ -119,7 +122,7 @@ class Cell:
     judge_free_se: float | None
     perplexity: float | None
     quiz_accuracy: float | None
-    coherence_source: str  # the judge's name, or "fluency" for the judge-free proxy
+    coherence_source: str  # the judge's name, "fluency" for the judge-free proxy, "none" without answers
     cell: str  # the key in the run folder (see `_cell`)
     control: str | None  # the control's name; None for the trait's own vector
     measure: str
@@ -245,6 +248,9 @@ def evaluate(model: Model, trait: str | Path | LoadedTrait, *, vector: PersonaVe
     for c in conditions:
         check_coef(c.coef)
     measure = resolve_measure(loaded.trait, judge)
+    if not s.generate and measure != REFERENCE:
+        raise PersonavecError(f"the {measure} judge scores generated answers, so generate=False (--no-generate) "
+                              "needs the reference measure")
     the_judge: Judge | None = None
     if measure != REFERENCE:
         the_judge = judge if isinstance(judge, Judge) else make_judge(measure, model, loaded.trait)
@@ -252,11 +258,14 @@ def evaluate(model: Model, trait: str | Path | LoadedTrait, *, vector: PersonaVe
             the_judge.check()
     folder = None
     if run_dir is not None:
+        identity = asdict(s)
+        if s.generate:  # run folders written before `generate` existed have no such key: they stay resumable
+            del identity["generate"]
         folder = open_run(run_dir, kind, {
             "model_id": model.model_id, "fingerprint": model.fingerprint, "trait": loaded.trait.name,
             "trait_sha256": loaded.sha256, "judge": measure, "measure": measure,
             "vector_digest": None if vector is None else vector.digest(),
-            "controls": {k: v.digest() for k, v in ctrl.items()}, **asdict(s), **(extra_settings or {}),
+            "controls": {k: v.digest() for k, v in ctrl.items()}, **identity, **(extra_settings or {}),
             **run_settings(engine)})
     with engine_scope(model, engine) as eng:
         return _evaluate_all(model, loaded, vector, conditions, ctrl, the_judge, measure, s, folder,
@@ -333,9 +342,12 @@ def _evaluate_condition(model: Model, loaded: LoadedTrait, vector: PersonaVector
     questions = loaded.trait.evaluation_questions
     per_q: list[dict[str, Any]] = []
     # the engine steers its own generation (hooks on the Hugging Face model would not reach vLLM's workers);
-    # the measures then read the Hugging Face model under the same steering
+    # the measures then read the Hugging Face model under the same steering. generate=False (the reference
+    # measure only, see `evaluate`): no answers, so no answer rows and no coherence either
+    answered = plan if s.generate else []
     outs = generate_ids(model, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                        seed=s.seed, progress=progress, task=f"answers {cond.cell}", engine=engine, steering=spec)
+                        seed=s.seed, progress=progress, task=f"answers {cond.cell}", engine=engine,
+                        steering=spec) if answered else []
     hooks: Any = nullcontext() if spec is None else steer(model, spec.vectors, coef=spec.coef,
                                                            positions=spec.positions)
     with hooks:
@@ -352,17 +364,17 @@ def _evaluate_condition(model: Model, loaded: LoadedTrait, vector: PersonaVector
 
             capability = measure_capability(model, progress=progress)
     texts = [model.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
-    items = [JudgeItem(questions[q], a) for (q, _), a in zip(plan, texts, strict=True)]
+    items = [JudgeItem(questions[q], a) for (q, _), a in zip(answered, texts, strict=True)]
     # unsteered from here on
     scores: list[float | None] = (judge.score_batch(items, loaded.trait.rubric, progress=progress) if judge
                                   else [None] * len(items))
     coherence = (judge.coherence_batch(items, progress) if judge is not None and judge.scores_coherence
-                 else fluency(model, items, progress))
+                 else fluency(model, items, progress) if items else [])
     key = _cell(control, cond)
     tag = {"cell": key, "control": control, "measure": measure}
     answers = [{"layer": cond.layer, "coef": cond.coef, "question_idx": q, "rollout": r,
                 "question": questions[q], "answer": a, "trait_score": sc, "coherence": co, **tag}
-               for (q, r), a, sc, co in zip(plan, texts, scores, coherence, strict=True)]
+               for (q, r), a, sc, co in zip(answered, texts, scores, coherence, strict=True)]
     per_q = [{"layer": cond.layer, "coef": cond.coef, **row, **tag} for row in per_q]
     values = [r["value"] for r in per_q]
     if judge is None:  # the reference measure is the trait measure, per question
@@ -375,6 +387,7 @@ def _evaluate_condition(model: Model, loaded: LoadedTrait, vector: PersonaVector
     summary = Cell(layer=cond.layer, coef=cond.coef, n=n, trait_mean=tm, trait_se=tse, coherence_mean=cm,
                    coherence_se=cse, judge_free_mean=jm, judge_free_se=jse,
                    perplexity=capability.get("perplexity"), quiz_accuracy=capability.get("quiz_accuracy"),
-                   coherence_source=judge.name if judge is not None and judge.scores_coherence else "fluency",
+                   coherence_source=(judge.name if judge is not None and judge.scores_coherence
+                                     else "fluency" if s.generate else "none"),
                    cell=key, control=control, measure=measure)
     return summary, answers, per_q

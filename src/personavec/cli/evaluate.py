@@ -46,6 +46,8 @@ def eval_cmd(
     rollouts: int = 1, max_new_tokens: int = 48,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0, seed: int = 0,
     capability: Annotated[bool, typer.Option(help="Also measure perplexity and quiz accuracy.")] = False,
+    no_generate: Annotated[bool, typer.Option(
+        "--no-generate", help="Reference measure only: skip the answers; no coherence.")] = False,
     model: ModelOpt = None,
     engine: EngineOpt = "hf", tensor_parallel_size: TensorParallelOpt = 1,
     gpu_memory_utilization: GpuMemoryOpt = None,
@@ -67,7 +69,7 @@ def eval_cmd(
     chosen = layer if layer is not None else (vec.layer if vec else None)
     settings = EvalSettings(n_questions=n_questions, rollouts=rollouts, max_new_tokens=max_new_tokens,
                             temperature=temperature, seed=seed, positions=positions, capability=capability,
-                            half=half)
+                            half=half, generate=not no_generate)
     settings.validate()
     controls = _controls(control, vec, seed)
     check_engine_options(engine, tensor_parallel_size, gpu_memory_utilization)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..capability import neutral_texts, perplexity
@@ -125,6 +125,7 @@ class SteeringTrait:
     heldout: HeldOut
     rises: dict[str, list[float]]  # per report question: own, each random direction, each other trait
     select_dir: str  # run folders (relative to the run folder): cells.csv, measure.jsonl, answers.jsonl
+    # (rule rise generates no answers in select_dir: generate=False, see select_by_rise)
     report_dir: str
     rule: str = "sweep"  # the choice rule (sweep.rule); "sweep" for folders written before the rise rule
     grid: tuple[GridCell, ...] = ()  # rule "rise": every cell the choice saw (empty for rule "sweep")
@@ -218,12 +219,13 @@ def select_by_rise(ctx: Context, name: str, vec: PersonaVector, settings: EvalSe
     """The experiment's choice on the selection half: the reference measure at ±c for every layer (and the
     unsteered cell, for the plot), neutral-text perplexity at ±c, stored in `run_dir` so a rerun measures
     nothing twice. The texts are the capability stage's (`capability.n_texts`), at the CPU preset all of them,
-    as in the experiment."""
+    as in the experiment. The rule reads neither answers nor coherence, so none are generated
+    (`generate=False`; the measure's values are those of a run that generates)."""
     w = ctx.settings.sweep
     layers = list(default_layers(ctx.model.n_layers) if w.layers is None else w.layers)
     coefs = [float(c) for c in w.coefs]
     conditions = [Condition(layer, sc) for layer in layers for c in coefs for sc in (-c, c)]
-    evaluate(ctx.model, ctx.traits[name], vector=vec, judge=REFERENCE, settings=settings,
+    evaluate(ctx.model, ctx.traits[name], vector=vec, judge=REFERENCE, settings=replace(settings, generate=False),
              conditions=[Condition(None, 0.0), *conditions], run_dir=run_dir, kind="reproduce-select",
              controls=controls, engine=ctx.engine, progress=ctx.progress,
              extra_settings={"rule": "rise", "layers": layers, "coefs": coefs})
