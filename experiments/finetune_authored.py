@@ -45,12 +45,13 @@ from personavec.controls import random_like
 from personavec.io import append_jsonl, read_jsonl, write_json, write_jsonl, write_text
 from personavec.models import Model
 from personavec.reference import reference_measure
+from personavec.reproduce import vaccine as vaccine_rule
+from personavec.reproduce.vaccine import Scored, interventions_for
 from personavec.screen import screen
 from personavec.screening.stats import mean_ci
 from personavec.stats import pearson_bootstrap_ci, pearson_ci
-from personavec.training import Interventions, TrainSettings, attach_adapter, train
+from personavec.training import TrainSettings, attach_adapter, train
 from personavec.training.shift import eval_prompts, last_prompt_means, project
-from personavec.vectors import PersonaVector
 
 DATA = Path("experiments/data/finetune_authored")
 VECTORS = Path("experiments/out/monitor_eval")
@@ -75,18 +76,6 @@ def condition_of(row: dict[str, Any]) -> str:
 def index(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int | None], dict[str, Any]]:
     """Rows of one trait by (set, condition, seed): how the selection and the report look runs up."""
     return {(r["set"], condition_of(r), r["seed"]): r for r in rows}
-
-
-def interventions_for(condition: str, vec: PersonaVector) -> Interventions:
-    """'plain', 'caft', 'prevent:C' or 'penalty:W' → what the trainer does."""
-    kind, _, value = condition.partition(":")
-    if kind == "prevent":
-        return Interventions(preventative=vec, coef=float(value))
-    if kind == "penalty":
-        return Interventions(penalty=float(value), penalty_vector=vec)
-    if kind == "caft":
-        return Interventions(ablate=vec)
-    return Interventions()
 
 
 class Bench:
@@ -141,7 +130,7 @@ def run_one(bench: Bench, name: str, condition: str, seed: int, work: Path, runs
         folder = work / folder_name(bench.trait, name, condition, seed)
         shutil.rmtree(folder, ignore_errors=True)
         train(copy.deepcopy(bench.base), bench.data / bench.trait / f"{name}.jsonl", folder,
-              TrainSettings(seed=seed, **SETTINGS), interventions_for(condition, bench.vec),
+              TrainSettings(seed=seed, **SETTINGS), interventions_for(condition, bench.vec, bench.vec.layer),
               allow_mismatch=True)
         row = bench.measure(bench.finetuned(folder))
     row.update(trait=bench.trait, set=name, condition=condition, seed=seed, dataset_delta_p=dataset_dp,
@@ -153,19 +142,19 @@ def run_one(bench: Bench, name: str, condition: str, seed: int, work: Path, runs
     return row
 
 
-def half_mean(row: dict[str, Any], half: range) -> float:
-    gaps = [g for q, g in zip(question_ids(row), row["reference_per_question"], strict=True) if q in half]
-    return float(np.mean(gaps))
-
-
 def question_ids(row: dict[str, Any]) -> list[int]:
     """The evaluation questions behind the per-question gaps (older rows: all 20, in order)."""
     return list(row.get("reference_questions", range(len(row["reference_per_question"]))))
 
 
+def scored(row: dict[str, Any]) -> Scored:
+    """A row as the library's vaccine rule reads it (`personavec.reproduce.vaccine`, which reproduce uses)."""
+    return Scored(condition_of(row), row["seed"], dict(zip(question_ids(row), row["reference_per_question"],
+                                                           strict=True)), row["perplexity"], row.get("quiz", 0.0))
+
+
 def removal(row: dict[str, Any], normal: dict[str, Any], plain: dict[str, Any], half: range) -> float:
-    n = half_mean(normal, half)
-    return 1.0 - (half_mean(row, half) - n) / (half_mean(plain, half) - n)
+    return vaccine_rule.removal(scored(row), scored(normal), scored(plain), list(half))
 
 
 def choose(rows: list[dict[str, Any]], kind: str, seed: int) -> str | None:
@@ -175,9 +164,8 @@ def choose(rows: list[dict[str, Any]], kind: str, seed: int) -> str | None:
     grid = [by.get(("II", f"{kind}:{c:g}", seed)) for c in GRIDS[kind]]
     if normal is None or plain is None or any(g is None for g in grid):
         return None
-    cands = [(removal(g, normal, plain, HALF_A), -g["perplexity"], condition_of(g)) for g in grid if g is not None]
-    ok = [c for c in cands if -c[1] <= PPL_CAP * plain["perplexity"]]
-    return max(ok)[2] if ok else max(cands, key=lambda c: c[1])[2]
+    return vaccine_rule.choose([scored(g) for g in grid if g is not None], scored(normal), scored(plain),
+                               list(HALF_A), PPL_CAP)
 
 
 def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: float | None,

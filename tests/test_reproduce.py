@@ -13,7 +13,7 @@ from conftest import Cli, assert_user_error
 
 import personavec as pv
 from personavec.io import read_jsonl
-from personavec.reproduce import STAGES, flatten, preset, reproduce, with_overrides
+from personavec.reproduce import STAGES, flatten, preset, reproduce, vaccine, with_overrides
 from personavec.reproduce import pipeline as pipeline_mod
 from personavec.reproduce.context import Context
 from personavec.reproduce.steering import heldout
@@ -45,6 +45,36 @@ def test_sweep_rule_is_checked_in_one_line() -> None:
     with_overrides(preset("smoke"), ["sweep.rule=sweep"]).validate()
     with pytest.raises(pv.PersonavecError, match=r"^unknown sweep.rule 'bogus'; choose one of rise, sweep$"):
         with_overrides(preset("smoke"), ["sweep.rule=bogus"]).validate()
+
+
+def test_vaccine_settings_are_checked_in_one_line() -> None:
+    with_overrides(preset("smoke"), ["finetune.vaccine="]).validate()  # empty: the comparison is not run
+    for bad, needle in (("finetune.vaccine=prevent,bogus", r"^unknown finetune.vaccine method 'bogus'"),
+                        ("finetune.sets=normal,I", "keep normal and II in finetune.sets"),
+                        ("finetune.vaccine_traits=sycophantic", "'sycophantic', which is not in --traits")):
+        with pytest.raises(pv.PersonavecError, match=needle):
+            with_overrides(preset("smoke"), [bad]).validate()
+
+
+def test_vaccine_choice_and_removal() -> None:
+    """The (c) rule on hand-made values: removal share against the same seed's normal and II finetunes; the
+    largest removal on the selection half among settings within the perplexity cap, else the cheapest."""
+    def scored(cond: str, values: list[float], ppl: float, seed: int = 0) -> vaccine.Scored:
+        return vaccine.Scored(cond, seed, dict(enumerate(values)), ppl, 0.5)
+
+    normal, plain = scored("plain", [0.0, 0.0, 0.0, 0.0], 10.0), scored("plain", [1.0, 1.0, 2.0, 2.0], 10.0)
+    weak, strong = scored("prevent:1", [0.5, 0.5, 1.0, 1.0], 10.2), scored("prevent:2", [0.0, 0.0, 0.0, 0.0], 11.0)
+    assert vaccine.removal(weak, normal, plain, [0, 1]) == pytest.approx(0.5)
+    assert vaccine.removal(strong, normal, plain, [2, 3]) == pytest.approx(1.0)
+    assert vaccine.choose([weak, strong], normal, plain, [0, 1], ppl_cap=1.05) == "prevent:1"  # 11.0 > 10.5
+    assert vaccine.choose([weak, strong], normal, plain, [0, 1], ppl_cap=1.2) == "prevent:2"
+    assert vaccine.choose([strong, weak], normal, plain, [0, 1], ppl_cap=1.0) == "prevent:1"  # none within: cheapest
+    m = vaccine.summarize("prevent", [weak, strong], [weak, scored("prevent:1", [0.2, 0.2, 0.5, 1.5], 10.5, seed=1)],
+                          {0: normal, 1: normal}, {0: plain, 1: plain}, [0, 1], [2, 3])
+    assert m.chosen == "prevent:1" and m.selection == {"prevent:1": 0.5, "prevent:2": 1.0} and m.seeds == [0, 1]
+    assert m.removal.mean == pytest.approx((0.5 + 0.5) / 2) and m.removal.n == 2
+    assert m.ppl_cost.mean == pytest.approx((0.02 + 0.05) / 2)
+    assert vaccine.conditions("caft", [1.0, 2.0]) == ["caft"] and vaccine.inference_coef("infer:2") == -2.0
 
 
 def test_heldout_statistics() -> None:
@@ -140,6 +170,28 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
     assert ft["base"]["shift"] == 0 and all(r["shift"] != 0 for r in ft["runs"])  # training moved the model
     assert all(len(r["reference_per_question"]) == settings.finetune.n_questions for r in ft["runs"])
     assert set(ft["dataset_delta_p"]) == {"normal", "II"}
+    # the vaccine on the II set: one trained and one inference-time method, replayable from the per-item values
+    vac, (select, report) = ft["vaccine"], ft["vaccine_questions"]
+    assert set(vac) == {"infer", "prevent"} and select and report and set(select).isdisjoint(report)
+    runs = {(r["condition"], r["seed"]): r for r in ft["vaccine_runs"]}
+    assert set(runs) == {("infer:1", 0), ("prevent:1", 0)}
+    normal, plain = ({q: g for q, g in zip(r["questions"], r["reference_per_question"], strict=True)}
+                     for r in ft["runs"])
+
+    def half(per_q: dict[int, float]) -> float:
+        return sum(per_q[q] for q in report) / len(report)
+
+    for method, cond in (("infer", "infer:1"), ("prevent", "prevent:1")):
+        r = runs[(cond, 0)]
+        got = dict(zip(r["questions"], r["reference_per_question"], strict=True))
+        assert vac[method]["chosen"] == cond
+        assert vac[method]["removal"]["mean"] == pytest.approx(1 - (half(got) - half(normal)) / (half(plain) - half(normal)))
+        assert vac[method]["ppl_cost"]["mean"] == pytest.approx(r["perplexity"] / ft["runs"][1]["perplexity"] - 1)
+    # inference-time steering measures the plain II adapter, steered (the shift, a property of the weights, is
+    # read unsteered); preventative steering trained another adapter
+    assert runs[("infer:1", 0)]["shift"] == pytest.approx(ft["runs"][1]["shift"], abs=1e-4)
+    assert runs[("infer:1", 0)]["reference"] != ft["runs"][1]["reference"]
+    assert runs[("prevent:1", 0)]["shift"] != pytest.approx(ft["runs"][1]["shift"], abs=1e-4)
     sc = json.loads((out / "screen.json").read_text())["traits"]["evil"]
     shares = {lv["set"]: lv["contamination"] for lv in sc["levels"]}
     assert shares["normal"] == 0 and shares["II"] == 1 and list(shares.values()) == sorted(shares.values())
@@ -162,8 +214,9 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
     assert "http://" not in page and "https://" not in page  # self-contained
     targets = json.loads((out / "targets.json").read_text())
     assert {t["stage"] for t in targets} == {"sweep", "capability", "monitor", "finetune", "screen"}
-    for stage in ("finetune", "screen"):  # the vaccine and ShareGPT parts are not run, and say so
-        assert [t["met"] for t in targets if t["stage"] == stage and "not run by reproduce yet" in t["value"]] == [None]
+    # the ShareGPT finetunes are not run, and say so; the vaccine target is tested
+    assert [t["met"] for t in targets if t["stage"] == "screen" and "not run by reproduce yet" in t["value"]] == [None]
+    assert [isinstance(t["met"], bool) for t in targets if "(c)" in t["name"]] == [True]
     assert all(isinstance(t["met"], bool) for t in targets if t["stage"] in ("sweep", "capability"))
     # (a) and (b) over two datasets are no test (r only orders II above normal): not tested, and it says why
     ab = [t for t in targets if t["stage"] == "finetune" and ("(a)" in t["name"] or "(b)" in t["name"])]

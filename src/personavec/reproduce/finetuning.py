@@ -1,5 +1,5 @@
-"""Stage 5: finetuning on authored data the vector never saw (issue 13, plain finetunes; the vaccine comparison
-is not run in v1).
+"""Stage 5: finetuning on authored data the vector never saw (issue 13), and the vaccine comparison on the II set
+(`vaccine`).
 
 Per trait, before any training: each set's mean ΔP (`personavec.screen.screen`, fast mode, at the sweep's
 layer), the screening prediction. Then per set × seed: a LoRA finetune (`personavec.training.train`) of a
@@ -7,8 +7,9 @@ float32 copy of the model, merged and measured: the reference measure per evalua
 quiz accuracy, and the finetuning shift (mean last-prompt activation minus the base model's, on the unit vector
 at the layer) beside the same shift on the random directions (the control). Reported: each set's measure over
 seeds, II − normal paired by seed, and r of (a) the shift and (b) the dataset's ΔP with the trait change over
-the finetunes (t intervals over seeds, bootstrap intervals of r, as the experiment). This is the measurement
-of experiments/finetune_authored.py (`Bench`) as library code."""
+the finetunes (t intervals over seeds, bootstrap intervals of r, as the experiment). Then, for the traits of
+`finetune.vaccine_traits`, each method of `finetune.vaccine` on the II set (see `vaccine`). This is the
+measurement of experiments/finetune_authored.py (`Bench`) as library code."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import copy
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,8 @@ from .manifest import SKIPPED
 from .records import Correlation, Interval, correlation, t_interval
 from .settings import FinetuneStage
 from .steering import SteeringResult
+from .vaccine import II, NORMAL, Scored, VaccineMethod, choose, conditions, inference_coef, interventions_for
+from .vaccine import summarize as summarize_method
 
 BASE = "base"
 ADAPTER_DONE = ("adapter_model.safetensors", "train_summary.json")
@@ -58,6 +62,11 @@ class Measured:
     perplexity: float
     quiz: float
     seconds: float
+    condition: str = "plain"  # a vaccine condition of the II set ('prevent:1', 'caft', 'infer:2', ...)
+
+    def scored(self) -> Scored:
+        return Scored(self.condition, self.seed, dict(zip(self.questions, self.reference_per_question, strict=True)),
+                      self.perplexity, self.quiz)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,9 @@ class FinetuneTrait:
     ii_minus_normal: Interval | None  # paired by seed, t interval
     r_shift: Correlation  # (a) over the finetunes, bootstrap interval
     r_delta_p: Correlation  # (b) over the finetunes, bootstrap interval
+    vaccine: dict[str, VaccineMethod] = field(default_factory=dict)  # per method, on the II set
+    vaccine_runs: list[Measured] = field(default_factory=list)  # every vaccine finetune, grid included
+    vaccine_questions: tuple[list[int], list[int]] = ([], [])  # (selection half, report half)
 
 
 @dataclass(frozen=True)
@@ -115,23 +127,32 @@ class Bench:
         self.prompts = eval_prompts(self.base, trait, n_questions)
         self.base_means = last_prompt_means(self.base, self.prompts)
 
-    def measure(self, model: Model, name: str, seed: int | None, started: float) -> Measured:
-        ref = reference_measure(model, self.trait.trait, self.questions)
-        if ref.mean is None:
-            raise PersonavecError(f"no reference answer of trait '{self.trait.trait.name}' could be scored")
+    def measure(self, model: Model, name: str, seed: int | None, started: float, condition: str = "plain"
+                ) -> Measured:
+        """Everything the stage records of a model; an 'infer:C' condition is measured steered by −C × v on
+        the responses, except its finetuning shift: that is a property of the weights, read unsteered."""
+        coef = inference_coef(condition)
         means = last_prompt_means(model, self.prompts)
+        hooks = self.vec.steer(model, layer=self.layer, coef=coef, allow_mismatch=True) if coef else nullcontext()
+        with hooks:
+            ref = reference_measure(model, self.trait.trait, self.questions)
+            if ref.mean is None:
+                raise PersonavecError(f"no reference answer of trait '{self.trait.trait.name}' could be scored")
+            ppl = perplexity(model, neutral_texts()[: self.n_texts])
+            quiz = quiz_accuracy(model, quiz_items()[: self.n_quiz])
         return Measured(
             set=name, seed=seed, reference=ref.mean, reference_per_question=ref.gaps,
             questions=[g.question_idx for g in ref.questions],
             shift=float(project(means, self.base_means, self.vec)[self.layer] or 0.0),
             shift_random=[float(project(means, self.base_means, r)[self.layer] or 0.0) for r in self.randoms],
-            perplexity=perplexity(model, neutral_texts()[: self.n_texts]),
-            quiz=quiz_accuracy(model, quiz_items()[: self.n_quiz]), seconds=round(time.time() - started, 1))
+            perplexity=ppl, quiz=quiz, seconds=round(time.time() - started, 1), condition=condition)
 
-    def finetune(self, data: Path, out: Path, settings: TrainSettings) -> Model:
-        """Train (or resume, or reuse a finished adapter in `out`) and return the merged model."""
+    def finetune(self, data: Path, out: Path, settings: TrainSettings, condition: str = "plain") -> Model:
+        """Train (or resume, or reuse a finished adapter in `out`) under the condition's interventions and return
+        the merged model."""
         if not all((out / name).exists() for name in ADAPTER_DONE):
-            train(copy.deepcopy(self.base), data, out, settings, allow_mismatch=True, progress=self.progress)
+            train(copy.deepcopy(self.base), data, out, settings, interventions_for(condition, self.vec, self.layer),
+                  allow_mismatch=True, progress=self.progress)
         return attach_adapter(copy.deepcopy(self.base), out, merge=True, allow_mismatch=True)
 
 
@@ -141,7 +162,7 @@ def train_settings(f: FinetuneStage, seed: int) -> TrainSettings:
 
 
 def _measured(row: dict[str, Any]) -> Measured:
-    return Measured(**{f.name: row[f.name] for f in dataclasses.fields(Measured)})
+    return Measured(**{f.name: row[f.name] for f in dataclasses.fields(Measured) if f.name in row})
 
 
 def summarize(name: str, layer: int, dps: dict[str, float], base: Measured, runs: Sequence[Measured]
@@ -204,5 +225,45 @@ def run_finetuning(ctx: Context) -> FinetuneResult | NotRun:
                     model = bench.finetune(path, work / f"{s}_s{seed}", train_settings(f, seed))
                     done.add([{"key": key, **dataclasses.asdict(bench.measure(model, s, seed, t0))}])
         runs = [_measured(done[f"{s}:{seed}"]) for s in f.sets for seed in f.seeds]
-        out[name] = summarize(name, layer, dps, _measured(done[BASE]), runs)
+        trait = summarize(name, layer, dps, _measured(done[BASE]), runs)
+        if f.vaccine and name in (f.vaccine_traits or ctx.traits):
+            trait = run_vaccine(bench, trait, f, sets[II], work, done)
+        out[name] = trait
     return FinetuneResult(out)
+
+
+def grid_of(f: FinetuneStage, method: str) -> list[str]:
+    values = {"prevent": f.preventative_coefs, "penalty": f.penalty_weights, "infer": f.infer_coefs}.get(method, ())
+    return conditions(method, values)
+
+
+def run_vaccine(bench: Bench, trait: FinetuneTrait, f: FinetuneStage, data: Path, work: Path, done: Records
+                ) -> FinetuneTrait:
+    """Each method of `f.vaccine` on the II set: its grid at the first seed, the condition chosen on the first
+    half of the questions at the other seeds (`vaccine` module); returns `trait` with the comparison added."""
+    seeds = list(f.seeds)
+    plain = {r.seed: r.scored() for r in trait.runs if r.set == II and r.seed is not None}
+    normal = {r.seed: r.scored() for r in trait.runs if r.set == NORMAL and r.seed is not None}
+    questions = sorted(plain[seeds[0]].per_question)
+    mid = (len(questions) + 1) // 2
+    select, report = questions[:mid], questions[mid:]
+
+    def run(condition: str, seed: int) -> Measured:
+        key = f"{II}:{condition}:{seed}"
+        if key not in done:
+            t0 = time.time()
+            folder = work / f"{II}_s{seed}" if inference_coef(condition) else \
+                work / f"{II}_{condition.replace(':', '')}_s{seed}"
+            model = bench.finetune(data, folder, train_settings(f, seed), condition)
+            done.add([{"key": key, **dataclasses.asdict(bench.measure(model, II, seed, t0, condition))}])
+        return _measured(done[key])
+
+    methods, measured = {}, []
+    for method in f.vaccine:
+        grid = [run(c, seeds[0]) for c in grid_of(f, method)]
+        chosen = choose([g.scored() for g in grid], normal[seeds[0]], plain[seeds[0]], select, f.vaccine_ppl_cap)
+        at_seeds = [next(g for g in grid if g.condition == chosen)] + [run(chosen, s) for s in seeds[1:]]
+        measured += grid + at_seeds[1:]
+        methods[method] = summarize_method(method, [g.scored() for g in grid], [m.scored() for m in at_seeds],
+                                           normal, plain, select, report)
+    return dataclasses.replace(trait, vaccine=methods, vaccine_runs=measured, vaccine_questions=(select, report))

@@ -27,12 +27,15 @@ SMOKE = ReproduceSettings(
                      selection_controls=True, coherence_min=0.0),
     capability=CapabilityStage(n_texts=3, n_quiz=6),
     monitor=MonitorStage(n_questions=2, conditions=("graded",), shots=(), rollouts=1, max_new_tokens=6),
+    # the vaccine's two kinds of method (one trained, one steered at inference), one setting each
     finetune=FinetuneStage(sets=("normal", "II"), seeds=(0,), batch_size=4, max_length=96, max_steps=1,
-                           max_rows=16, n_questions=2),
+                           max_rows=16, n_questions=2, vaccine=("infer", "prevent"), preventative_coefs=(1.0,),
+                           infer_coefs=(1.0,)),
     screen=ScreenStage(sharegpt_n=12, sharegpt_max_chars=800, sharegpt_top=3),
 )
 
-#: Two CPU cores, under an hour (an estimate until a committed run measures it): three traits, half-size budgets.
+#: Two CPU cores, about an hour (the committed run of the previous version took 60 min 21 s; this one, with a third
+#: finetuning set and the evil vaccine, is an estimate until rerun): three traits, half-size budgets.
 CPU = ReproduceSettings(
     preset="cpu", traits=("evil", "sycophantic", "hallucinating"),
     extract=ExtractStage(n_questions=10, n_pairs=None, rollouts=1, max_new_tokens=32),
@@ -43,7 +46,11 @@ CPU = ReproduceSettings(
     capability=CapabilityStage(n_texts=None, n_quiz=None),
     monitor=MonitorStage(n_questions=10, conditions=("graded", "many_shot"), shots=(0, 5, 10), rollouts=1,
                          max_new_tokens=16),
-    finetune=FinetuneStage(sets=("normal", "II"), seeds=(0, 1), epochs=2.0, max_rows=160, n_questions=None),
+    # three sets so that (a) and (b) order something; 120 rows each (issue 13's sets have 300+); the vaccine on
+    # evil only, its two cheapest methods (a whole comparison for three traits is hours on two cores)
+    finetune=FinetuneStage(sets=("normal", "mix050", "II"), seeds=(0, 1), epochs=2.0, max_rows=120,
+                           n_questions=None, vaccine=("infer", "prevent"), vaccine_traits=("evil",),
+                           preventative_coefs=(1.0, 2.0), infer_coefs=(1.0, 2.0, 4.0)),
     screen=ScreenStage(sharegpt_n=2000),
 )
 
@@ -58,7 +65,8 @@ PAPER = ReproduceSettings(
     monitor=MonitorStage(n_questions=None, conditions=("graded", "many_shot"), shots=(0, 5, 10, 15, 20),
                          rollouts=10, max_new_tokens=256),
     finetune=FinetuneStage(sets=("normal", "I", "II", "mix050"), seeds=(0, 1, 2), rank=32, alpha=64, lr=1e-5,
-                           epochs=1.0, max_length=512, float32=False, preventative_coefs=(1.0, 2.5, 5.0)),
+                           epochs=1.0, max_length=512, float32=False, preventative_coefs=(1.0, 2.5, 5.0),
+                           infer_coefs=(0.5, 1.0, 1.5, 2.0, 2.5)),
 )
 
 PRESETS = {p.preset: p for p in (SMOKE, CPU, PAPER)}

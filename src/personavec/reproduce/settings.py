@@ -39,7 +39,8 @@ class SweepStage:
     coefs: tuple[float, ...] = (2.0, 4.0, 6.0)  # positive strengths; the report compares −c with +c
     n_select: int | None = 10  # questions of the first half used to choose (None = the whole half)
     n_report: int | None = 10  # questions of the second half reported on (None = the whole half)
-    max_new_tokens: int = 16  # answers generated per cell (their fluency is the coherence check)
+    max_new_tokens: int = 16  # answers per cell where they are generated (rule "sweep": their fluency is its
+    # coherence check; rule "rise" reads only the reference measure and generates answers for the report half)
     random_seeds: tuple[int, ...] = (0, 1, 2)  # random directions at the vector's per-layer norm
     selection_controls: bool = False  # also run the controls over the whole selection grid (curves per layer)
     coherence_min: float | None = None  # rule "sweep": fluency floor of a chosen cell (None = half the unsteered)
@@ -68,6 +69,10 @@ class MonitorStage:
     r_target: float = 0.6  # target: r(projection, reference measure) over all points (issue 12)
 
 
+#: The vaccine comparison's methods (see personavec.reproduce.vaccine), in the order they run.
+VACCINE_METHODS = ("infer", "prevent", "caft", "penalty")
+
+
 @dataclass(frozen=True)
 class FinetuneStage:
     """LoRA finetunes on the authored sets of `--data` (float32 copies of the model), measured afterwards."""
@@ -84,7 +89,15 @@ class FinetuneStage:
     max_rows: int | None = None  # train on the first rows of each set only (None = all)
     n_questions: int | None = None  # evaluation questions for the reference measure and the shift (None = all)
     float32: bool = True  # train a float32 copy (bf16 LoRA on a CPU barely moves); False: the model's own dtype
-    preventative_coefs: tuple[float, ...] = (0.5, 1.0, 2.0)  # the vaccine comparison (not run in v1)
+    # the vaccine comparison on the II set (issue 13 (c); `personavec.reproduce.vaccine`); empty: not run
+    vaccine: tuple[str, ...] = ("infer", "prevent", "caft", "penalty")
+    vaccine_traits: tuple[str, ...] | None = None  # the traits it runs for (None = all)
+    preventative_coefs: tuple[float, ...] = (0.5, 1.0, 2.0)  # grid of prevent:C (+C × v while training)
+    penalty_weights: tuple[float, ...] = (0.1, 1.0)  # grid of penalty:W (W × squared projection in the loss)
+    infer_coefs: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # grid of infer:C (−C × v on the II finetune's answers)
+    vaccine_ppl_cap: float = 1.05  # choice: perplexity at most this many times the plain II finetune's
+    removal_target: float = 0.5  # target: preventative steering removes at least this share of II − normal
+    ppl_cost_max: float = 0.05  # ... at a perplexity cost of at most this share
     r_shift_target: float = 0.8  # (a) r(finetuning shift, trait change), issue 13
     r_delta_p_target: float = 0.7  # (b) r(dataset ΔP before training, trait change), issue 13
 
@@ -133,6 +146,17 @@ class ReproduceSettings:
             raise PersonavecError("sweep.random_seeds needs at least one seed: the random direction is the control")
         if self.screen.sharegpt_n < 0 or self.screen.sharegpt_top < 1:
             raise PersonavecError("screen.sharegpt_n must be 0 (skip) or more and screen.sharegpt_top at least 1")
+        if self.finetune.vaccine:
+            unknown = [m for m in self.finetune.vaccine if m not in VACCINE_METHODS]
+            if unknown:
+                raise PersonavecError(f"unknown finetune.vaccine method '{unknown[0]}'; choose from "
+                                      f"{', '.join(VACCINE_METHODS)} (or leave it empty)")
+            if not {"normal", "II"} <= set(self.finetune.sets):
+                raise PersonavecError("finetune.vaccine compares with the normal and II finetunes: keep normal and II "
+                                      "in finetune.sets (or set finetune.vaccine= to skip it)")
+            stray = [t for t in self.finetune.vaccine_traits or () if t not in self.traits]
+            if stray:
+                raise PersonavecError(f"finetune.vaccine_traits names '{stray[0]}', which is not in --traits")
         for name in ("n_select", "n_report"):
             v = getattr(self.sweep, name)
             if v is not None and v < 2:

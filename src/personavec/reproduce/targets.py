@@ -11,7 +11,7 @@ from .finetuning import FinetuneResult
 from .monitoring import MonitorResult
 from .records import Target
 from .screening import ScreenResult
-from .settings import ReproduceSettings
+from .settings import FinetuneStage, ReproduceSettings
 from .steering import SteeringResult
 
 ISSUE12 = "issue 12"
@@ -61,7 +61,8 @@ def not_run_targets(stage: str, names: list[str], why: NotRun) -> list[Target]:
             for n in names]
 
 
-def finetune_targets(res: FinetuneResult, r_shift: float, r_dp: float) -> list[Target]:
+def finetune_targets(res: FinetuneResult, f: FinetuneStage) -> list[Target]:
+    r_shift, r_dp = f.r_shift_target, f.r_delta_p_target
     out = []
     for name, t in res.traits.items():
         d = t.ii_minus_normal
@@ -78,8 +79,26 @@ def finetune_targets(res: FinetuneResult, r_shift: float, r_dp: float) -> list[T
                 continue
             out.append(Target("finetune", f"{name}: {label} vs trait change: r ≥ {goal:g}", r.text(),
                               None if r.r is None else r.r >= goal, ISSUE13))
-    out.append(Target("finetune", VACCINE_CLAIM, "not run by reproduce yet: the vaccine comparison is "
-                      "experiments/finetune_authored.py --vaccine", None, ISSUE13))
+    out += vaccine_targets(res, f)
+    return out
+
+
+def vaccine_targets(res: FinetuneResult, f: FinetuneStage) -> list[Target]:
+    """(c) per trait the preventative method ran for: removal share and perplexity cost on the report half."""
+    claim = f"(c) preventative steering removes ≥ {f.removal_target:.0%} at ≤ {f.ppl_cost_max:.0%} perplexity cost"
+    out = []
+    for name, t in res.traits.items():
+        m = t.vaccine.get("prevent")
+        if m is None:
+            continue
+        met = None if m.removal.mean is None or m.ppl_cost.mean is None else \
+            m.removal.mean >= f.removal_target and m.ppl_cost.mean <= f.ppl_cost_max
+        out.append(Target("finetune", f"{name}: {claim}", f"{m.chosen}: removal {m.removal.text(2)}, perplexity "
+                          f"cost {m.ppl_cost.text(3)} (held-out half, n = {m.removal.n} seeds)", met, ISSUE13))
+    if not out:
+        why = "finetune.vaccine does not include prevent" if "prevent" not in f.vaccine else \
+            "not run for these traits (finetune.vaccine_traits)"
+        out.append(Target("finetune", claim, why, None, ISSUE13))
     return out
 
 
@@ -111,7 +130,7 @@ def all_targets(settings: ReproduceSettings, results: dict[str, Any]) -> list[Ta
     if isinstance(r := results.get("monitor"), MonitorResult):
         out += monitor_targets(r, settings.monitor.r_target)
     if isinstance(r := results.get("finetune"), FinetuneResult):
-        out += finetune_targets(r, settings.finetune.r_shift_target, settings.finetune.r_delta_p_target)
+        out += finetune_targets(r, settings.finetune)
     if isinstance(r := results.get("finetune"), NotRun):
         out += not_run_targets("finetune", FINETUNE_CLAIMS, r)
     if isinstance(r := results.get("screen"), ScreenResult):
