@@ -51,7 +51,9 @@ def test_vaccine_settings_are_checked_in_one_line() -> None:
     with_overrides(preset("smoke"), ["finetune.vaccine="]).validate()  # empty: the comparison is not run
     for bad, needle in (("finetune.vaccine=prevent,bogus", r"^unknown finetune.vaccine method 'bogus'"),
                         ("finetune.sets=normal,I", "keep normal and II in finetune.sets"),
-                        ("finetune.vaccine_traits=sycophantic", "'sycophantic', which is not in --traits")):
+                        ("finetune.vaccine_traits=sycophantic", "'sycophantic', which is not in --traits"),
+                        ("screen.sharegpt_finetune_sets=random,bottom", "must include top"),
+                        ("screen.sharegpt_finetune_k=-1", "must be 0")):
         with pytest.raises(pv.PersonavecError, match=needle):
             with_overrides(preset("smoke"), [bad]).validate()
 
@@ -206,6 +208,15 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
     assert [f["delta_p"] for f in sg["top"]] == sorted(sg["values"], reverse=True)[: settings.screen.sharegpt_top]
     assert all(f["answer_tokens"] >= settings.screen.min_answer_tokens and f["assistant"] for f in sg["top"])
     assert 0 <= sg["random_overlap"] <= share["top_k"] and sg["layer"] == layer
+    # (d) wired end to end: finetunes on the top and random K by ΔP, each set's mean ΔP from the screen's values
+    k = settings.screen.sharegpt_finetune_k
+    order = sorted(range(len(sg["values"])), key=lambda i: -sg["values"][i])
+    assert sg["groups"]["top"] == [share["ids"][i] for i in order[:k]] and len(sg["groups"]["random"]) == k
+    sft = sg["finetune"]
+    assert [(r["set"], r["seed"]) for r in sft["runs"]] == [("top", 0), ("random", 0)]
+    assert sft["dataset_delta_p"]["top"] == pytest.approx(sum(sg["values"][i] for i in order[:k]) / k)
+    assert sg["top_minus_random"]["mean"] == pytest.approx(sft["runs"][0]["reference"] - sft["runs"][1]["reference"])
+    assert sg["top_minus_bottom"] is None
 
     page = (out / "report.html").read_text()
     for name in SECTIONS:
@@ -213,10 +224,8 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
     assert page.count("<h3>Targets</h3>") == len(SECTIONS) and "data:image/png;base64," in page
     assert "http://" not in page and "https://" not in page  # self-contained
     targets = json.loads((out / "targets.json").read_text())
-    assert {t["stage"] for t in targets} == {"sweep", "capability", "monitor", "finetune", "screen"}
-    # the ShareGPT finetunes are not run, and say so; the vaccine target is tested
-    assert [t["met"] for t in targets if t["stage"] == "screen" and "not run by reproduce yet" in t["value"]] == [None]
-    assert [isinstance(t["met"], bool) for t in targets if "(c)" in t["name"]] == [True]
+    assert {t["stage"] for t in targets} == {"sweep", "capability", "monitor", "finetune", "screen", "sharegpt"}
+    assert [isinstance(t["met"], bool) for t in targets if "(c)" in t["name"] or "(d)" in t["name"]] == [True, True]
     assert all(isinstance(t["met"], bool) for t in targets if t["stage"] in ("sweep", "capability"))
     # (a) and (b) over two datasets are no test (r only orders II above normal): not tested, and it says why
     ab = [t for t in targets if t["stage"] == "finetune" and ("(a)" in t["name"] or "(b)" in t["name"])]

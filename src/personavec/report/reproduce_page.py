@@ -20,7 +20,7 @@ from ..reproduce.monitoring import MonitorResult
 from ..reproduce.records import Interval, Target
 from ..reproduce.screening import ScreenResult
 from ..reproduce.settings import ReproduceSettings, flatten
-from ..reproduce.sharegpt import ShareGPTResult
+from ..reproduce.sharegpt import ShareGPTResult, ShareGPTTrait
 from ..reproduce.steering import SteeringResult, SteeringTrait
 from .html import _CSS, LAYER_CONVENTION, _img, _kv_table, read_cells
 from .plots import metric_vs_coef
@@ -286,7 +286,30 @@ def sharegpt_section(res: ShareGPTResult) -> str:
             + ("The random direction flags mostly other conversations."
                if t.random_overlap <= max(2 * t.chance_overlap, 1) else
                "The random direction flags many of the same ones: the ranking is partly not about the trait.")))
+        if t.finetune is not None:
+            parts.append(sharegpt_finetune_part(name, t))
     return "".join(parts)
+
+
+def sharegpt_finetune_part(name: str, t: ShareGPTTrait) -> str:
+    """What finetuning on the ΔP groups instilled: each set's change over the base model and the paired gaps."""
+    ft = t.finetune
+    assert ft is not None
+    rows = [[escape(g), str(len(t.groups.get(g, []))), f"{ft.dataset_delta_p[g]:+.2f}", _ci(ft.change[g])]
+            for g in ft.change]
+    gaps = [["top − random, paired by seed", "–" if t.top_minus_random is None else _ci(t.top_minus_random)],
+            ["top − bottom, paired by seed", "–" if t.top_minus_bottom is None else _ci(t.top_minus_bottom)],
+            ["r(set's mean ΔP before training, trait change) over the finetunes", escape(ft.r_delta_p.text())]]
+    d = t.top_minus_random
+    verdict = "–" if d is None or d.mean is None else (
+        "above" if d.above_zero else "below" if d.high is not None and d.high < 0 else "not resolved from")
+    return (f"<h4>{escape(name)}: finetuning on the ΔP groups (issue 13 (d))</h4>"
+            + _table(["set", "conversations", "mean ΔP before training", "reference − base [95% CI over seeds]"], rows)
+            + _table(["comparison", "value"], gaps)
+            + _reading(f"LoRA finetunes on the real conversations the {name} vector ranks highest, at random and "
+                       f"lowest, measured with the reference measure (authored answers none of them contain). The "
+                       f"top set's trait after finetuning is {verdict} the random set's (interval over seeds); "
+                       "a set's mean ΔP, computed before any training, is the screening prediction."))
 
 
 def _status(record: Mapping[str, Any]) -> str:

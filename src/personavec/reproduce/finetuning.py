@@ -165,17 +165,22 @@ def _measured(row: dict[str, Any]) -> Measured:
     return Measured(**{f.name: row[f.name] for f in dataclasses.fields(Measured) if f.name in row})
 
 
+def paired_difference(runs: Sequence[Measured], a: str, b: str) -> Interval | None:
+    """Set `a`'s reference measure minus set `b`'s, paired by seed, with a t interval (None: no seed has both)."""
+    by = {(r.set, r.seed): r.reference for r in runs}
+    diffs = [by[(a, seed)] - by[(b, seed)] for (n, seed) in by if n == a and (b, seed) in by]
+    return t_interval(diffs) if diffs else None
+
+
 def summarize(name: str, layer: int, dps: dict[str, float], base: Measured, runs: Sequence[Measured]
               ) -> FinetuneTrait:
     """Change over the base per set, II − normal paired by seed, and the (a) / (b) correlations."""
     sets = list(dict.fromkeys(r.set for r in runs))
     change = {s: t_interval([r.reference - base.reference for r in runs if r.set == s]) for s in sets}
-    by = {(r.set, r.seed): r.reference for r in runs}
-    paired = [by[("II", s)] - by[("normal", s)] for (n, s) in by if n == "II" and ("normal", s) in by]
     delta = [r.reference - base.reference for r in runs]
     return FinetuneTrait(
         trait=name, layer=layer, dataset_delta_p=dps, base=base, runs=list(runs), change=change,
-        ii_minus_normal=t_interval(paired) if paired else None,
+        ii_minus_normal=paired_difference(runs, II, NORMAL),
         r_shift=correlation([r.shift for r in runs], delta, bootstrap=True),
         r_delta_p=correlation([dps[r.set] for r in runs], delta, bootstrap=True))
 
@@ -210,26 +215,38 @@ def run_finetuning(ctx: Context) -> FinetuneResult | NotRun:
         dps = {s: float(screen(ctx.model, p, [vec], work / f"{s}.dp.csv", fast=True, layer=layer, histograms=False,
                                cache=work / "base-answers.sqlite", progress=ctx.progress).summary.traits[vec.trait].delta_p["mean"])
                for s, p in sets.items()}
-        bench = Bench(ctx.model, ctx.traits[name], vec, layer, random_seeds=ctx.settings.sweep.random_seeds,
-                      n_questions=f.n_questions, n_texts=ctx.settings.capability.n_texts,
-                      n_quiz=ctx.settings.capability.n_quiz, float32=f.float32, progress=ctx.progress)
+        bench = bench_for(ctx, name, vec, layer)
         done = Records(work / "runs.jsonl")
-        if BASE not in done:
-            m = bench.measure(bench.base, BASE, None, time.time())
-            done.add([{"key": BASE, **dataclasses.asdict(m)}])
-        for s, path in sets.items():
-            for seed in f.seeds:
-                key = f"{s}:{seed}"
-                if key not in done:
-                    t0 = time.time()
-                    model = bench.finetune(path, work / f"{s}_s{seed}", train_settings(f, seed))
-                    done.add([{"key": key, **dataclasses.asdict(bench.measure(model, s, seed, t0))}])
-        runs = [_measured(done[f"{s}:{seed}"]) for s in f.sets for seed in f.seeds]
-        trait = summarize(name, layer, dps, _measured(done[BASE]), runs)
+        base, runs = plain_runs(bench, f, sets, work, done)
+        trait = summarize(name, layer, dps, base, runs)
         if f.vaccine and name in (f.vaccine_traits or ctx.traits):
             trait = run_vaccine(bench, trait, f, sets[II], work, done)
         out[name] = trait
     return FinetuneResult(out)
+
+
+def bench_for(ctx: Context, name: str, vec: PersonaVector, layer: int) -> Bench:
+    """The trait's bench with the run's settings (the finetune and sharegpt stages measure alike)."""
+    f, c = ctx.settings.finetune, ctx.settings.capability
+    return Bench(ctx.model, ctx.traits[name], vec, layer, random_seeds=ctx.settings.sweep.random_seeds,
+                 n_questions=f.n_questions, n_texts=c.n_texts, n_quiz=c.n_quiz, float32=f.float32,
+                 progress=ctx.progress)
+
+
+def plain_runs(bench: Bench, f: FinetuneStage, sets: dict[str, Path], work: Path, done: Records
+               ) -> tuple[Measured, list[Measured]]:
+    """The base model measured and one plain finetune per set × seed (each recorded in `done` as it finishes, so
+    a rerun trains only what is missing); the runs in set order, then seed order."""
+    if BASE not in done:
+        done.add([{"key": BASE, **dataclasses.asdict(bench.measure(bench.base, BASE, None, time.time()))}])
+    for s, path in sets.items():
+        for seed in f.seeds:
+            key = f"{s}:{seed}"
+            if key not in done:
+                t0 = time.time()
+                model = bench.finetune(path, work / f"{s}_s{seed}", train_settings(f, seed))
+                done.add([{"key": key, **dataclasses.asdict(bench.measure(model, s, seed, t0))}])
+    return _measured(done[BASE]), [_measured(done[f"{s}:{seed}"]) for s in sets for seed in f.seeds]
 
 
 def grid_of(f: FinetuneStage, method: str) -> list[str]:

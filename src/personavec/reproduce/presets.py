@@ -31,7 +31,9 @@ SMOKE = ReproduceSettings(
     finetune=FinetuneStage(sets=("normal", "II"), seeds=(0,), batch_size=4, max_length=96, max_steps=1,
                            max_rows=16, n_questions=2, vaccine=("infer", "prevent"), preventative_coefs=(1.0,),
                            infer_coefs=(1.0,)),
-    screen=ScreenStage(sharegpt_n=12, sharegpt_max_chars=800, sharegpt_top=3),
+    # (d) wired end to end: one-step finetunes on the top and random 4 of the 12 screened chats
+    screen=ScreenStage(sharegpt_n=12, sharegpt_max_chars=800, sharegpt_top=3, sharegpt_finetune_k=4,
+                       sharegpt_finetune_sets=("top", "random")),
 )
 
 #: Two CPU cores, about an hour (the committed run of the previous version took 60 min 21 s; this one, with a third
@@ -51,7 +53,9 @@ CPU = ReproduceSettings(
     finetune=FinetuneStage(sets=("normal", "mix050", "II"), seeds=(0, 1), epochs=2.0, max_rows=120,
                            n_questions=None, vaccine=("infer", "prevent"), vaccine_traits=("evil",),
                            preventative_coefs=(1.0, 2.0), infer_coefs=(1.0, 2.0, 4.0)),
-    screen=ScreenStage(sharegpt_n=2000),
+    # no ShareGPT finetunes: 3 traits × 3 sets × 2 seeds would add about 45 minutes (issue 13 (d) is the
+    # experiment's committed run: experiments/out/finetune_sharegpt)
+    screen=ScreenStage(sharegpt_n=2000, sharegpt_finetune_k=0),
 )
 
 #: The paper's settings for 7–8B chat models (Chen et al. 2025): 5 pairs × 20 questions × 10 rollouts, a 0–100
@@ -67,6 +71,7 @@ PAPER = ReproduceSettings(
     finetune=FinetuneStage(sets=("normal", "I", "II", "mix050"), seeds=(0, 1, 2), rank=32, alpha=64, lr=1e-5,
                            epochs=1.0, max_length=512, float32=False, preventative_coefs=(1.0, 2.5, 5.0),
                            infer_coefs=(0.5, 1.0, 1.5, 2.0, 2.5)),
+    screen=ScreenStage(sharegpt_n=10_000, sharegpt_finetune_k=500),  # issue 13 (d): top / random / bottom 500
 )
 
 PRESETS = {p.preset: p for p in (SMOKE, CPU, PAPER)}

@@ -102,6 +102,10 @@ class FinetuneStage:
     r_delta_p_target: float = 0.7  # (b) r(dataset ΔP before training, trait change), issue 13
 
 
+#: The ShareGPT finetuning sets: the K conversations of highest ΔP, K at random, the K of lowest ΔP.
+SHAREGPT_SETS = ("top", "random", "bottom")
+
+
 @dataclass(frozen=True)
 class ScreenStage:
     """ΔP screening of the authored sets of `--data` (rows: finetune.max_rows), and of real ShareGPT chats."""
@@ -111,6 +115,10 @@ class ScreenStage:
     sharegpt_max_chars: int = 2000  # longer conversations are left out (a CPU screens short ones fast)
     sharegpt_top: int = 20  # top-flagged conversations shown per trait
     min_answer_tokens: int = 16  # shorter replies are not counted (their response mean is noise)
+    # issue 13 (d): LoRA finetunes (finetune.* settings and seeds) on the top / random / bottom K conversations by
+    # ΔP per trait, measured with the reference measure; 0: not run
+    sharegpt_finetune_k: int = 0
+    sharegpt_finetune_sets: tuple[str, ...] = ("top", "random", "bottom")
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,10 @@ class ReproduceSettings:
             raise PersonavecError(f"unknown sweep.rule '{self.sweep.rule}'; choose one of {', '.join(RULES)}")
         if not self.sweep.random_seeds:
             raise PersonavecError("sweep.random_seeds needs at least one seed: the random direction is the control")
+        if self.screen.sharegpt_finetune_k < 0 or not set(self.screen.sharegpt_finetune_sets) <= set(SHAREGPT_SETS) \
+                or "top" not in self.screen.sharegpt_finetune_sets:
+            raise PersonavecError("screen.sharegpt_finetune_k must be 0 (no finetunes) or more, and "
+                                  f"screen.sharegpt_finetune_sets must include top and name only {', '.join(SHAREGPT_SETS)}")
         if self.screen.sharegpt_n < 0 or self.screen.sharegpt_top < 1:
             raise PersonavecError("screen.sharegpt_n must be 0 (skip) or more and screen.sharegpt_top at least 1")
         if self.finetune.vaccine:

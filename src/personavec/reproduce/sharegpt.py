@@ -8,24 +8,30 @@ norm at the same layer. Only replies of at least `min_answer_tokens` tokens coun
 over one or two tokens ("Sure,") is noise. Reported per trait: the ΔP distribution (per-item values kept), the
 top-flagged conversations for a reader to judge, how many of the trait's top K are also the random direction's
 top K (against chance, K²/n) and the other traits' top K, and r(ΔP, reply length), a confound to know about.
-No target: whether the flagged chats show the trait is a reader's call (issue 13's finetunes test what they
-instill)."""
+Whether the flagged chats show the trait is a reader's call; what they instill is tested by finetuning
+(`screen.sharegpt_finetune_k` > 0, issue 13 (d)): per trait, LoRA finetunes (the finetune stage's settings and
+seeds, `finetuning.plain_runs`) on the K conversations of highest ΔP, K drawn at random and the K of lowest
+ΔP, measured with the reference measure; reported: each set's change over the base model, top − random and
+top − bottom paired by seed, and r(set's mean ΔP before training, trait change) over the finetunes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.csv as pacsv
 
 from ..controls import random_like
 from ..errors import PersonavecError
-from ..io import read_jsonl
+from ..io import read_jsonl, write_jsonl
+from ..runs import Records
 from ..screen import screen
 from ..sharegpt import default_source, import_sharegpt
+from ..vectors import PersonaVector
 from .context import Context, NotRun
-from .finetuning import trait_inputs
+from .finetuning import FinetuneTrait, bench_for, paired_difference, plain_runs, summarize, trait_inputs
 from .manifest import SKIPPED
 from .records import Correlation, Interval, correlation, interval
 
@@ -55,6 +61,10 @@ class ShareGPTTrait:
     cross_overlap: dict[str, int]  # of the top K, also in another trait's top K
     top: list[Flagged]
     values: list[float]  # ΔP per counted reply, in file order (aligned with ShareGPTResult.ids)
+    finetune: FinetuneTrait | None = None  # screen.sharegpt_finetune_k > 0: the finetunes on the ΔP groups
+    groups: dict[str, list[str]] = field(default_factory=dict)  # the ids of each finetuning set
+    top_minus_random: Interval | None = None  # reference measure after finetuning, paired by seed
+    top_minus_bottom: Interval | None = None
 
 
 @dataclass(frozen=True)
@@ -104,8 +114,9 @@ def run_sharegpt(ctx: Context) -> ShareGPTResult | NotRun:
     data = conversations(ctx, work)
     if isinstance(data, NotRun):
         return data
-    layers, vectors, controls = {}, [], {}
+    layers, vectors, controls, own = {}, [], {}, {}
     for k, (name, layer, vec, _) in enumerate(trait_inputs(ctx, "sharegpt")):
+        own[name] = vec
         # the screen reads each vector's own layer: both at the sweep's
         control = random_like(vec, RANDOM_SEED + k).with_meta(best_layer=layer)
         layers[name], controls[name] = layer, control.trait
@@ -126,7 +137,7 @@ def run_sharegpt(ctx: Context) -> ShareGPTResult | NotRun:
         return np.array(table[f"{name}_delta_p"], dtype=float)[counted]
 
     tops = {t: set(np.argsort(-column(t))[:k].tolist()) for t in list(layers) + list(controls.values())}
-    out = {}
+    out: dict[str, ShareGPTTrait] = {}
     for name, layer in layers.items():
         dp = column(name)
         order = np.argsort(-dp)[:k]
@@ -135,12 +146,48 @@ def run_sharegpt(ctx: Context) -> ShareGPTResult | NotRun:
             msgs = rows[int(index[i])]["messages"]
             top.append(Flagged(ids[i], float(dp[i]), int(tokens[i]), _trim(str(msgs[0]["content"])),
                                _trim(str(msgs[-1]["content"]))))
-        out[name] = ShareGPTTrait(
+        trait = ShareGPTTrait(
             trait=name, layer=layer, delta_p=interval(dp.tolist()), sd=float(dp.std()),
             p95=float(np.percentile(dp, 95)), r_length=correlation(dp.tolist(), tokens.astype(float).tolist()),
             random_overlap=len(tops[name] & tops[controls[name]]), chance_overlap=k * k / len(ids),
             cross_overlap={o: len(tops[name] & tops[o]) for o in layers if o != name},
             top=top, values=[float(v) for v in dp])
+        if s.sharegpt_finetune_k:
+            chosen = groups(dp, s.sharegpt_finetune_k, s.sharegpt_finetune_sets, ctx.settings.seed + len(out))
+            sets = [(g, [rows[int(index[i])] for i in members], float(dp[members].mean()))
+                    for g, members in chosen.items()]
+            trait = finetune_groups(ctx, trait, own[name], sets, {g: [ids[i] for i in m] for g, m in chosen.items()})
+        out[name] = trait
     return ShareGPTResult(source=_source_name(), n_screened=len(table["id"]), n_counted=len(ids),
                           max_chars=s.sharegpt_max_chars, min_answer_tokens=s.min_answer_tokens, top_k=k, ids=ids,
                           traits=out)
+
+
+def groups(dp: np.ndarray, k: int, names: tuple[str, ...], seed: int) -> dict[str, np.ndarray]:
+    """Indices (into the counted replies) of the finetuning sets: the K highest ΔP, K drawn at random (seeded;
+    they may overlap the others, as a random sample of the data would) and the K lowest."""
+    if 2 * k > len(dp):
+        raise PersonavecError(f"screen.sharegpt_finetune_k={k} needs at least {2 * k} counted replies (top and "
+                              f"bottom must not overlap); only {len(dp)} were screened: lower it or raise "
+                              "screen.sharegpt_n")
+    order = np.argsort(-dp, kind="stable")
+    pick = {"top": order[:k], "random": np.sort(np.random.default_rng(seed).choice(len(dp), k, replace=False)),
+            "bottom": order[-k:]}
+    return {n: pick[n] for n in names}
+
+
+def finetune_groups(ctx: Context, trait: ShareGPTTrait, vec: PersonaVector,
+                    sets: list[tuple[str, list[dict[str, Any]], float]], ids: dict[str, list[str]]) -> ShareGPTTrait:
+    """Finetune on each (name, conversations, mean ΔP) set over the finetune stage's seeds (resumable: the sets
+    are written once and each finished finetune is recorded), and add the comparison to `trait`."""
+    work = ctx.stage_dir("sharegpt", trait.trait)
+    paths = {}
+    for name, rows, _ in sets:
+        paths[name] = work / f"{name}.jsonl"
+        if not paths[name].exists():
+            write_jsonl(paths[name], rows)
+    bench = bench_for(ctx, trait.trait, vec, trait.layer)
+    base, runs = plain_runs(bench, ctx.settings.finetune, paths, work, Records(work / "runs.jsonl"))
+    ft = summarize(trait.trait, trait.layer, {name: dp for name, _, dp in sets}, base, runs)
+    return replace(trait, finetune=ft, groups=ids, top_minus_random=paired_difference(runs, "top", "random"),
+                   top_minus_bottom=paired_difference(runs, "top", "bottom"))
