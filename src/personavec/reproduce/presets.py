@@ -48,9 +48,10 @@ CPU = ReproduceSettings(
     capability=CapabilityStage(n_texts=None, n_quiz=None),
     monitor=MonitorStage(n_questions=10, conditions=("graded", "many_shot"), shots=(0, 5, 10), rollouts=1,
                          max_new_tokens=16),
-    # three sets so that (a) and (b) order something; 120 rows each (issue 13's sets have 300+); the vaccine on
-    # evil only, its two cheapest methods (a whole comparison for three traits is hours on two cores)
-    finetune=FinetuneStage(sets=("normal", "mix050", "II"), seeds=(0, 1), epochs=2.0, max_rows=120,
+    # three sets so that (a) and (b) order something; 80 rows each (issue 13's sets have 300; 160 gave II − normal
+    # ≈ +1 nats/token in the previous committed run, so 80 keeps a large effect); the vaccine on evil only, its two
+    # cheapest methods (a whole comparison for three traits is hours on two cores)
+    finetune=FinetuneStage(sets=("normal", "mix050", "II"), seeds=(0, 1), epochs=2.0, max_rows=80,
                            n_questions=None, vaccine=("infer", "prevent"), vaccine_traits=("evil",),
                            preventative_coefs=(1.0, 2.0), infer_coefs=(1.0, 2.0, 4.0)),
     # no ShareGPT finetunes: 3 traits × 3 sets × 2 seeds would add about 45 minutes (issue 13 (d) is the
