@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +31,23 @@ import numpy as np
 import personavec as pv
 from personavec.io import read_jsonl, write_json, write_text
 from personavec.monitor import MonitorSettings, monitor_eval
-from personavec.reproduce.monitoring import overlap
-from personavec.stats import centre, pearson_ci
+from personavec.reproduce.monitoring import Point, correlations, overlap
+from personavec.reproduce.records import Correlation
 
 TRAITS = ("evil", "humorous", "impolite")
 VECTORS = Path("experiments/out/monitor_eval")
 
 
-def centred(points: list[dict[str, Any]], key: str, by: str = "level") -> list[float]:
-    """`key` minus its mean within each `by` group (`level`: within levels; `question_idx`: within questions)."""
-    return centre([p[key] for p in points], [p[by] for p in points])
-
-
-def sd_of_means(points: list[dict[str, Any]], by: str) -> float:
+def sd_of_means(points: list[Point], by: str) -> float:
     """Spread (population sd) of the reference measure's group means: between questions or between levels."""
     groups: dict[int, list[float]] = {}
     for p in points:
-        groups.setdefault(p[by], []).append(p["reference"])
+        groups.setdefault(getattr(p, by), []).append(p.reference)
     return float(np.std([sum(v) / len(v) for v in groups.values()]))
 
 
-def ci(r: tuple[float, float, float]) -> dict[str, float]:
-    return {"r": r[0], "low": r[1], "high": r[2]}
+def ci(r: Correlation) -> dict[str, float | None]:
+    return {"r": r.r, "low": r.low, "high": r.high}
 
 
 def main() -> None:
@@ -71,25 +66,21 @@ def main() -> None:
         vec = pv.load_vector(VECTORS / f"{name}.pv.safetensors")
         res = monitor_eval(model, loaded, vec, settings=settings, run_dir=args.out / f"{name}.monitor",
                            allow_mismatch=True).to_json()
-        points = read_jsonl(args.out / f"{name}.monitor" / "points.jsonl")
-        pts = [p for p in points if p.get("reference") is not None]
-        x = [p["projection"] for p in pts]
-        y = [p["reference"] for p in pts]
-        lv = res["levels"]
-        judged = [p for p in pts if p["trait_score"] is not None]
+        pts = [Point(p["condition"], int(p["level"]), int(p["question_idx"]), float(p["projection"]),
+                     float(p["reference"]), p.get("trait_score"))
+               for p in read_jsonl(args.out / f"{name}.monitor" / "points.jsonl") if p.get("reference") is not None]
+        r = correlations(pts)  # reproduce's monitor stage computes the same statistics
+        judged = [p for p in pts if p.trait_score is not None]
+        rj = correlations([replace(p, reference=float(p.trait_score or 0)) for p in judged])
         row = {"layer": res["layer"], "n_points": len(pts), "overlap": asdict(overlap(loaded.trait)),
-               "r_points": ci(pearson_ci(x, y)),
-               "r_level_means": ci(pearson_ci([v["projection"] for v in lv], [v["reference"] for v in lv])),
-               "r_within_levels": ci(pearson_ci(centred(pts, "projection"), centred(pts, "reference"))),
-               "r_within_questions": ci(pearson_ci(centred(pts, "projection", "question_idx"),
-                                                   centred(pts, "reference", "question_idx"))),
-               "r_contrast_judge_within_questions": ci(pearson_ci(centred(judged, "projection", "question_idx"),
-                                                                  centred(judged, "trait_score", "question_idx"))),
+               "r_points": ci(r["points"]), "r_level_means": ci(r["level_means"]),
+               "r_within_levels": ci(r["within_levels"]), "r_within_questions": ci(r["within_questions"]),
+               "r_contrast_judge_within_questions": ci(rj["within_questions"]),
                "sd_question_means": sd_of_means(pts, "question_idx"), "sd_level_means": sd_of_means(pts, "level"),
                "r_contrast_judge_points": res["pearson"]["trait_score"]["overall"],
                "r_prompted_judge_free_points": res["pearson"]["judge_free"]["overall"],
                "levels": [{"level": v["level"], "label": v["label"], "projection": v["projection"],
-                           "reference": v["reference"]} for v in lv]}
+                           "reference": v["reference"]} for v in res["levels"]]}
         results["traits"][name] = row
         print(f"{name:>9}: layer {row['layer']}, r = {row['r_points']['r']:.2f} "
               f"[{row['r_points']['low']:.2f}, {row['r_points']['high']:.2f}] over {len(pts)} points; "
