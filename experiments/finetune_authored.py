@@ -40,18 +40,16 @@ from typing import Any
 import numpy as np
 
 import personavec as pv
-from personavec.capability import capability, quiz_accuracy
-from personavec.controls import random_like
 from personavec.io import append_jsonl, read_jsonl, write_json, write_jsonl, write_text
 from personavec.models import Model
 from personavec.reference import reference_measure
 from personavec.reproduce import vaccine as vaccine_rule
+from personavec.reproduce.finetuning import Bench as LibraryBench
 from personavec.reproduce.vaccine import Scored, interventions_for
 from personavec.screen import screen
 from personavec.screening.stats import mean_ci
 from personavec.stats import pearson_bootstrap_ci, pearson_ci
 from personavec.training import TrainSettings, attach_adapter, train
-from personavec.training.shift import eval_prompts, last_prompt_means, project
 
 DATA = Path("experiments/data/finetune_authored")
 VECTORS = Path("experiments/out/monitor_eval")
@@ -79,35 +77,23 @@ def index(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int | None], dict[
 
 
 class Bench:
-    """The base model, one trait's vector and what every finetune is compared with."""
+    """The experiment's view of the library's bench (`personavec.reproduce.finetuning.Bench`, which reproduce's
+    finetune stage measures with): the committed vector at its own layer, five random directions, rows as dicts."""
 
     def __init__(self, base: Model, trait: str, data: Path = DATA) -> None:
-        self.base, self.trait, self.data = base, trait, data
+        self.trait, self.data = trait, data
         self.loaded = pv.load_trait(trait)
         self.vec = pv.load_vector(VECTORS / f"{trait}.pv.safetensors")
-        self.randoms = [random_like(self.vec, seed=s) for s in RANDOM_SEEDS]
-        self.prompts = eval_prompts(base, self.loaded)
-        self.base_means = last_prompt_means(base, self.prompts)
+        self.lib = LibraryBench(base, self.loaded, self.vec, self.vec.layer, random_seeds=RANDOM_SEEDS, float32=False)
+        self.base, self.randoms = self.lib.base, self.lib.randoms
 
-    def measure(self, model: Model, steer_coef: float = 0.0) -> dict[str, Any]:
-        """Trait, capability and shift of a (merged) model; steer_coef ≠ 0 steers its responses while measured."""
-        handle = self.vec.steer(model, coef=steer_coef, allow_mismatch=True)
-        try:
-            ref = reference_measure(model, self.loaded.trait)
-            cap = capability(model)
-        finally:
-            handle.remove()
-        return {"reference": ref.mean, "reference_per_question": ref.gaps,
-                "reference_questions": [g.question_idx for g in ref.questions], "perplexity": cap["perplexity"],
-                "quiz": cap["quiz_accuracy"], **self.shifts(model)}
-
-    def shifts(self, model: Model) -> dict[str, Any]:
-        """The finetuning shift on the vector and the mean |shift| on the random unit directions (the control)."""
-        means = last_prompt_means(model, self.prompts)
-        layer = self.vec.layer
-        rand = [float(project(means, self.base_means, r)[layer] or 0.0) for r in self.randoms]
-        return {"shift": float(project(means, self.base_means, self.vec)[layer] or 0.0),
-                "shift_random": rand, "shift_random_abs": float(np.mean(np.abs(rand)))}
+    def measure(self, model: Model, condition: str = "plain") -> dict[str, Any]:
+        """Trait, capability and shift of a (merged) model; an 'infer:C' condition is measured steered by −C × v
+        on its responses (its shift, a property of the weights, unsteered)."""
+        m = self.lib.measure(model, "", None, time.time(), condition)
+        return {"reference": m.reference, "reference_per_question": m.reference_per_question,
+                "reference_questions": m.questions, "perplexity": m.perplexity, "quiz": m.quiz, "shift": m.shift,
+                "shift_random": m.shift_random, "shift_random_abs": float(np.mean(np.abs(m.shift_random)))}
 
     def finetuned(self, folder: Path) -> Model:
         return attach_adapter(copy.deepcopy(self.base), folder, merge=True, allow_mismatch=True)
@@ -122,10 +108,9 @@ def run_one(bench: Bench, name: str, condition: str, seed: int, work: Path, runs
             dataset_dp: float | None) -> dict[str, Any]:
     """Finetune (or, for infer:C, steer the plain finetune), measure, append the row."""
     t = time.time()
-    kind, _, value = condition.partition(":")
-    if kind == "infer":
+    if condition.startswith("infer:"):
         model = bench.finetuned(work / folder_name(bench.trait, name, "plain", seed))
-        row = bench.measure(model, steer_coef=-float(value))
+        row = bench.measure(model, condition)
     else:
         folder = work / folder_name(bench.trait, name, condition, seed)
         shutil.rmtree(folder, ignore_errors=True)
@@ -203,8 +188,7 @@ def fill(bench: Bench, runs_path: Path, work: Path) -> None:
             model = bench.base
         else:
             model = bench.finetuned(work / folder_name(bench.trait, row["set"], condition_of(row), row["seed"]))
-        m = bench.shifts(model)
-        m["quiz"] = quiz_accuracy(model)
+        m = bench.measure(model)
         drift = abs(m["shift"] - row["shift"])
         print(f"fill {row['set']} seed {row['seed']}: quiz {m['quiz']:.3f}, random shift "
               f"{m['shift_random_abs']:.3f}; shift remeasured {m['shift']:+.4f} (stored {row['shift']:+.4f}, drift "
