@@ -53,7 +53,8 @@ def test_vaccine_settings_are_checked_in_one_line() -> None:
                         ("finetune.sets=normal,I", "keep normal and II in finetune.sets"),
                         ("finetune.vaccine_traits=sycophantic", "'sycophantic', which is not in --traits"),
                         ("screen.sharegpt_finetune_sets=random,bottom", "must include top"),
-                        ("screen.sharegpt_finetune_k=-1", "must be 0")):
+                        ("screen.sharegpt_finetune_k=-1", "must be 0"),
+                        ("capability.lm_eval_limit=0", "lm_eval_limit must be at least 1")):
         with pytest.raises(pv.PersonavecError, match=needle):
             with_overrides(preset("smoke"), [bad]).validate()
 

@@ -147,6 +147,25 @@ def capability_section(res: CapabilityResult) -> str:
     def gmean(xs: Sequence[float]) -> str:
         return f"{math.exp(sum(math.log(x) for x in xs) / len(xs)):.2f}" if xs else "–"
 
+    def lm_eval_part() -> str:
+        """The lm-evaluation-harness tasks (capability.lm_eval_tasks): accuracy unsteered and steered at each
+        trait's setting with intervals over items and the paired change, or why they were skipped."""
+        if not res.lm_eval_tasks:
+            return ('<p class="note">No lm-evaluation-harness tasks were asked for (capability.lm_eval_tasks; the '
+                    "paper preset runs mmlu).</p>")
+        rows = [[escape(name), f"L{t.layer} +{t.coef:g}", escape(task), _share(m.base), _share(m.steered),
+                 _ci(m.change, 3)] for name, t in res.traits.items() for task, m in t.lm_eval.items()]
+        table = "" if not rows else _table(
+            ["trait", "setting", "lm-eval task", "accuracy unsteered [95% CI over items]",
+             "steered (every position) [CI]", "change (paired by item) [CI]"], rows)
+        note = "" if not rows else (
+            '<p class="note">lm-eval scores each choice in a cache-free forward over question and answer that marks '
+            "no prompt/response split, so the steered rows add the vector at every position (positions=all), not "
+            "only the answer's.</p>")
+        skipped = "" if not res.lm_eval_skipped else \
+            f'<p class="note">lm-evaluation-harness tasks skipped: {escape(res.lm_eval_skipped)}</p>'
+        return table + note + skipped
+
     rows = []
     for name, t in res.traits.items():
         rows.append([escape(name), f"L{t.layer} +{t.coef:g}", gmean(res.base.perplexity), gmean(t.steered.perplexity),
@@ -158,8 +177,7 @@ def capability_section(res: CapabilityResult) -> str:
         f"{first.quiz_change.mean or 0:+.2f} (from {first.quiz_base.mean or 0:.2f}).")
     return (_table(["trait", "setting", "perplexity unsteered (geometric mean over texts)", "steered",
                     "ratio [95% CI over texts]", "quiz unsteered [CI]", "quiz steered [CI]",
-                    "quiz change (paired) [CI]"], rows) + reading
-            + '<p class="note">MMLU through lm-evaluation-harness is not run by reproduce yet.</p>')
+                    "quiz change (paired) [CI]"], rows) + reading + lm_eval_part())
 
 
 def monitor_section(res: MonitorResult, folder: Path) -> str:

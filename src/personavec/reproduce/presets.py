@@ -66,7 +66,7 @@ PAPER = ReproduceSettings(
     extract=ExtractStage(n_questions=None, n_pairs=None, rollouts=10, max_new_tokens=512),
     sweep=SweepStage(layers=(12, 16, 20, 24), coefs=(0.5, 1.0, 1.5, 2.0, 2.5), n_select=None, n_report=None,
                      max_new_tokens=256, random_seeds=(0, 1, 2), selection_controls=True),
-    capability=CapabilityStage(n_texts=None, n_quiz=None),
+    capability=CapabilityStage(n_texts=None, n_quiz=None, lm_eval_tasks=("mmlu",)),
     monitor=MonitorStage(n_questions=None, conditions=("graded", "many_shot"), shots=(0, 5, 10, 15, 20),
                          rollouts=10, max_new_tokens=256),
     finetune=FinetuneStage(sets=("normal", "I", "II", "mix050"), seeds=(0, 1, 2), rank=32, alpha=64, lr=1e-5,

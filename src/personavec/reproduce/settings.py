@@ -55,6 +55,12 @@ class CapabilityStage:
     n_texts: int | None = None  # shipped neutral texts for perplexity (None = all)
     n_quiz: int | None = None  # shipped quiz items (None = all)
     ppl_ratio_max: float = 1.5  # target: steered perplexity at most this many times the unsteered one
+    # lm-evaluation-harness multiple-choice tasks (e.g. mmlu), unsteered and steered at every position; empty: not
+    # run. Without lm-eval or the tasks' data (not cached, no network) they are skipped with the reason recorded
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_include: str | None = None  # a folder of task YAMLs for local tasks (None: lm-eval's own tasks only)
+    lm_eval_limit: int | None = None  # items per leaf task (for mmlu: per subject; None = all)
+    lm_eval_drop_max: float = 0.05  # target: steered accuracy at most this much below the unsteered (paired mean)
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,8 @@ class ReproduceSettings:
             raise PersonavecError(f"unknown sweep.rule '{self.sweep.rule}'; choose one of {', '.join(RULES)}")
         if not self.sweep.random_seeds:
             raise PersonavecError("sweep.random_seeds needs at least one seed: the random direction is the control")
+        if self.capability.lm_eval_limit is not None and self.capability.lm_eval_limit < 1:
+            raise PersonavecError("capability.lm_eval_limit must be at least 1 item per task (or none: all)")
         if self.screen.sharegpt_finetune_k < 0 or not set(self.screen.sharegpt_finetune_sets) <= set(SHAREGPT_SETS) \
                 or "top" not in self.screen.sharegpt_finetune_sets:
             raise PersonavecError("screen.sharegpt_finetune_k must be 0 (no finetunes) or more, and "

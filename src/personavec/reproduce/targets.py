@@ -9,7 +9,7 @@ from .capability import CapabilityResult
 from .context import NotRun
 from .finetuning import FinetuneResult
 from .monitoring import MonitorResult
-from .records import Target
+from .records import Interval, Target
 from .screening import ScreenResult
 from .settings import FinetuneStage, ReproduceSettings
 from .sharegpt import ShareGPTResult
@@ -39,7 +39,13 @@ def steering_targets(res: SteeringResult, k: float) -> list[Target]:
     return out
 
 
-def capability_targets(res: CapabilityResult, ppl_max: float) -> list[Target]:
+def _acc(i: Interval) -> str:
+    return "–" if i.mean is None else f"{i.mean:.3f}"
+
+
+def capability_targets(res: CapabilityResult, ppl_max: float, drop_max: float = 0.05) -> list[Target]:
+    """Per trait: the perplexity bound and, per lm-eval task measured, the accuracy-drop bound (paired mean
+    unsteered − steered ≤ drop_max); one "not tested" line per lm-eval task that was asked for but skipped."""
     out = []
     for name, t in res.traits.items():
         c = t.log_ppl_change
@@ -48,6 +54,15 @@ def capability_targets(res: CapabilityResult, ppl_max: float) -> list[Target]:
         out.append(Target("capability", f"{name}: perplexity at L{t.layer} +{t.coef:g} ≤ {ppl_max:g}× unsteered",
                           "–" if ratio is None else f"{ratio:.2f}×{hi}", None if ratio is None else ratio <= ppl_max,
                           "preset bound"))
+        for task, m in t.lm_eval.items():
+            drop = None if m.change.mean is None else -m.change.mean
+            out.append(Target("capability", f"{name}: accuracy drop on {task} at L{t.layer} +{t.coef:g} (every "
+                              f"position) ≤ {drop_max:g}", f"{_acc(m.base)} → {_acc(m.steered)}, paired change "
+                              f"{m.change.text(3)} (n = {m.change.n})", None if drop is None else drop <= drop_max,
+                              "preset bound"))
+    if res.lm_eval_skipped:
+        out += [Target("capability", f"accuracy drop on {task} ≤ {drop_max:g} at each trait's setting",
+                       f"skipped: {res.lm_eval_skipped}", None, "preset bound") for task in res.lm_eval_tasks]
     return out
 
 
@@ -147,7 +162,7 @@ def all_targets(settings: ReproduceSettings, results: dict[str, Any]) -> list[Ta
     if isinstance(r := results.get("sweep"), SteeringResult):
         out += steering_targets(r, settings.sweep.rise_vs_random)
     if isinstance(r := results.get("capability"), CapabilityResult):
-        out += capability_targets(r, settings.capability.ppl_ratio_max)
+        out += capability_targets(r, (c := settings.capability).ppl_ratio_max, c.lm_eval_drop_max)
     if isinstance(r := results.get("monitor"), MonitorResult):
         out += monitor_targets(r, settings.monitor.r_target)
     if isinstance(r := results.get("finetune"), FinetuneResult):
