@@ -43,7 +43,7 @@ typecheck: install
 	$(BIN)/mypy src
 
 test: install lint typecheck
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: install
 	$(BIN)/python benchmarks/capture_speed.py

@@ -31,6 +31,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per cor
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
+#: The files that take longest under `make test` (benchmarks/results/make_test.log), longest first. They are
+#: collected first and `make test` keeps that order (`--no-loadscope-reorder`; xdist would otherwise start files
+#: with many tests first), so neither worker is left running a long file alone at the end.
+SLOW_FILES = ("test_reproduce.py", "test_sweep.py", "test_screen.py", "test_serve.py", "test_train_ddp.py",
+              "test_train.py", "test_cli.py", "test_extract.py", "test_monitor.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: k for k, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
 def hook_ids(model: pv.Model) -> list[tuple[frozenset[int], frozenset[int]]]:
     """The forward and pre-forward hook ids of every block (transformers itself may own some)."""
     return [(frozenset(b._forward_hooks), frozenset(b._forward_pre_hooks)) for b in model.layers]
