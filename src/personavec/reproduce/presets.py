@@ -36,8 +36,8 @@ SMOKE = ReproduceSettings(
                        sharegpt_finetune_sets=("top", "random")),
 )
 
-#: Two CPU cores, about an hour (the committed run of the previous version took 60 min 21 s; this one, with a third
-#: finetuning set and the evil vaccine, is an estimate until rerun): three traits, half-size budgets.
+#: Two CPU cores, about an hour (the committed run, experiments/out/reproduce_cpu: 60 min 59 s): three traits,
+#: half-size budgets.
 CPU = ReproduceSettings(
     preset="cpu", traits=("evil", "sycophantic", "hallucinating"),
     extract=ExtractStage(n_questions=10, n_pairs=None, rollouts=1, max_new_tokens=32),
