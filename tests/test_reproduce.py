@@ -224,6 +224,9 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
         assert f'<section id="{name}">' in page
     assert page.count("<h3>Targets</h3>") == len(SECTIONS) and "data:image/png;base64," in page
     assert "http://" not in page and "https://" not in page  # self-contained
+    for figure in ("held-out rises", "monitoring scatter", "shift and ΔP vs trait change", "vaccine", "ΔP ordering",
+                   "ΔP histogram"):  # the paper's figure types
+        assert f'alt="evil {figure}"' in page
     targets = json.loads((out / "targets.json").read_text())
     assert {t["stage"] for t in targets} == {"sweep", "capability", "monitor", "finetune", "screen", "sharegpt"}
     assert [isinstance(t["met"], bool) for t in targets if "(c)" in t["name"] or "(d)" in t["name"]] == [True, True]

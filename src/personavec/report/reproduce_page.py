@@ -24,7 +24,7 @@ from ..reproduce.sharegpt import ShareGPTResult, ShareGPTTrait
 from ..reproduce.steering import SteeringResult, SteeringTrait
 from .html import _CSS, LAYER_CONVENTION, _img, _kv_table, read_cells
 from .plots import metric_vs_coef
-from .reproduce_plots import delta_p_histogram, rise_bars
+from .reproduce_plots import delta_p_histogram, ordering, rise_bars, scatter_panels
 
 TITLES = {"extract": "1. Extraction", "sweep": "2. Steering sweep with controls", "capability": "3. Capability at the "
           "chosen setting", "monitor": "4. Monitoring: projection vs trait", "finetune": "5. Finetuning",
@@ -224,6 +224,14 @@ def finetune_section(res: FinetuneResult) -> str:
                               [["II − normal, paired by seed", "–" if d is None else _ci(d)],
                                ["(a) r(shift, trait change) over the finetunes", escape(t.r_shift.text())],
                                ["(b) r(dataset ΔP before training, trait change)", escape(t.r_delta_p.text())]]))
+        deltas = [r.reference - t.base.reference for r in t.runs]
+        groups = [r.set for r in t.runs]
+        png = scatter_panels([("(a) finetuning shift on the vector", [r.shift for r in t.runs], deltas, groups),
+                              ("(b) set's mean ΔP before training", [t.dataset_delta_p[r.set] for r in t.runs],
+                               deltas, groups)],
+                             ylabel="reference measure − base (nats/token)", title=f"{name}: one point per finetune")
+        parts.append(_img(png, f"{name} shift and ΔP vs trait change", "Each finetune's trait change against its "
+                          "finetuning shift (left) and against its set's mean ΔP computed before training (right)."))
         parts.append(_reading(
             f"Finetuning on the authored {name} sets moved the reference measure by "
             + "; ".join(f"{k} {t.change[k].text()}" for k in dict.fromkeys(r.set for r in t.runs))
@@ -271,8 +279,14 @@ def screen_section(res: ScreenResult) -> str:
     parts = []
     for name, t in res.traits.items():
         rows = [[escape(lv.set), f"{lv.contamination:.0%}", _ci(lv.delta_p, 2)] for lv in t.levels]
+        png = ordering([lv.contamination for lv in t.levels], [lv.delta_p.mean or 0.0 for lv in t.levels],
+                       [lv.delta_p.low for lv in t.levels], [lv.delta_p.high for lv in t.levels],
+                       title=f"{name}: mean ΔP by contamination", xlabel="share of II rows in the set",
+                       ylabel="mean ΔP (fast mode)")
         parts.append(f"<h3>{escape(name)}: ΔP (fast mode) at layer {t.layer}</h3>"
                      + _table(["set", "share of II rows screened", "mean ΔP [95% CI over rows]"], rows)
+                     + _img(png, f"{name} ΔP ordering", "Mean ΔP of each set against its share of II rows, with "
+                            "95% bootstrap intervals over rows.")
                      + f"<p>Sample-level ROC AUC, II rows vs normal rows: <b>{t.auc:.3f}</b> "
                        f"[{t.auc_low:.3f}, {t.auc_high:.3f}] (whole questions resampled).</p>")
         parts.append(_reading(
