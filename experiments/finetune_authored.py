@@ -299,10 +299,10 @@ def fmt(ci: tuple[float, float, float] | list[float], digits: int = 4) -> str:
 
 def summarize(out: Path, rows: list[dict[str, Any]], dp_random: Path | None = None) -> None:
     result: dict[str, Any] = {"settings": SETTINGS, "ppl_cap": PPL_CAP, "grids": GRIDS, "traits": {}}
-    lines = ["## Finetunes (plain)", "",
-             "| trait | set | seeds | reference [95% t CI over seeds] | shift [95% t CI] | random-direction mean abs shift | "
-             "perplexity | quiz | dataset ΔP |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## Finetunes (plain)"]
     for trait in dict.fromkeys(r["trait"] for r in rows):
+        lines += ["", "| trait | set | seeds | reference [95% t CI over seeds] | shift [95% t CI] | random-direction "
+                  "mean abs shift | perplexity | quiz | dataset ΔP |", "|---|---|---|---|---|---|---|---|---|"]
         mine = [r for r in rows if r["trait"] == trait]
         plain = [r for r in mine if condition_of(r) == "plain"]
         res: dict[str, Any] = {"sets": {}}
