@@ -25,6 +25,7 @@ from typing import Any
 from ..capability import neutral_texts, perplexity, quiz_accuracy, quiz_items
 from ..controls import random_like
 from ..errors import PersonavecError
+from ..evaluate import question_indices
 from ..io import write_text
 from ..models import Model
 from ..progress import Progress, no_progress
@@ -239,14 +240,20 @@ def plain_runs(bench: Bench, f: FinetuneStage, sets: dict[str, Path], work: Path
     a rerun trains only what is missing); the runs in set order, then seed order."""
     if BASE not in done:
         done.add([{"key": BASE, **dataclasses.asdict(bench.measure(bench.base, BASE, None, time.time()))}])
-    for s, path in sets.items():
-        for seed in f.seeds:
-            key = f"{s}:{seed}"
-            if key not in done:
-                t0 = time.time()
-                model = bench.finetune(path, work / f"{s}_s{seed}", train_settings(f, seed))
-                done.add([{"key": key, **dataclasses.asdict(bench.measure(model, s, seed, t0))}])
-    return _measured(done[BASE]), [_measured(done[f"{s}:{seed}"]) for s in sets for seed in f.seeds]
+    runs = [recorded(bench, done, f"{s}:{seed}", path, work / f"{s}_s{seed}", train_settings(f, seed), s, seed)
+            for s, path in sets.items() for seed in f.seeds]
+    return _measured(done[BASE]), runs
+
+
+def recorded(bench: Bench, done: Records, key: str, data: Path, folder: Path, settings: TrainSettings, name: str,
+             seed: int, condition: str = "plain") -> Measured:
+    """The finetune recorded under `key`, trained (or its adapter in `folder` reused) and measured first when
+    `done` lacks it: every finetune of the stage goes through here, so a rerun repeats none."""
+    if key not in done:
+        t0 = time.time()
+        model = bench.finetune(data, folder, settings, condition)
+        done.add([{"key": key, **dataclasses.asdict(bench.measure(model, name, seed, t0, condition))}])
+    return _measured(done[key])
 
 
 def grid_of(f: FinetuneStage, method: str) -> list[str]:
@@ -261,19 +268,13 @@ def run_vaccine(bench: Bench, trait: FinetuneTrait, f: FinetuneStage, data: Path
     seeds = list(f.seeds)
     plain = {r.seed: r.scored() for r in trait.runs if r.set == II and r.seed is not None}
     normal = {r.seed: r.scored() for r in trait.runs if r.set == NORMAL and r.seed is not None}
-    questions = sorted(plain[seeds[0]].per_question)
-    mid = (len(questions) + 1) // 2
-    select, report = questions[:mid], questions[mid:]
+    questions = sorted(plain[seeds[0]].per_question)  # halves as everywhere else (`evaluate.question_indices`)
+    select, report = ([questions[k] for k in question_indices(len(questions), half)] for half in ("first", "second"))
 
-    def run(condition: str, seed: int) -> Measured:
-        key = f"{II}:{condition}:{seed}"
-        if key not in done:
-            t0 = time.time()
-            folder = work / f"{II}_s{seed}" if inference_coef(condition) else \
-                work / f"{II}_{condition.replace(':', '')}_s{seed}"
-            model = bench.finetune(data, folder, train_settings(f, seed), condition)
-            done.add([{"key": key, **dataclasses.asdict(bench.measure(model, II, seed, t0, condition))}])
-        return _measured(done[key])
+    def run(condition: str, seed: int) -> Measured:  # inference-time conditions measure the plain II adapter
+        tag = "" if inference_coef(condition) else "_" + condition.replace(":", "")
+        return recorded(bench, done, f"{II}:{condition}:{seed}", data, work / f"{II}{tag}_s{seed}",
+                        train_settings(f, seed), II, seed, condition)
 
     methods, measured = {}, []
     for method in f.vaccine:

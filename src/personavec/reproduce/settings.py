@@ -96,7 +96,7 @@ class FinetuneStage:
     n_questions: int | None = None  # evaluation questions for the reference measure and the shift (None = all)
     float32: bool = True  # train a float32 copy (bf16 LoRA on a CPU barely moves); False: the model's own dtype
     # the vaccine comparison on the II set (issue 13 (c); `personavec.reproduce.vaccine`); empty: not run
-    vaccine: tuple[str, ...] = ("infer", "prevent", "caft", "penalty")
+    vaccine: tuple[str, ...] = VACCINE_METHODS
     vaccine_traits: tuple[str, ...] | None = None  # the traits it runs for (None = all)
     preventative_coefs: tuple[float, ...] = (0.5, 1.0, 2.0)  # grid of prevent:C (+C × v while training)
     penalty_weights: tuple[float, ...] = (0.1, 1.0)  # grid of penalty:W (W × squared projection in the loss)
@@ -124,7 +124,7 @@ class ScreenStage:
     # issue 13 (d): LoRA finetunes (finetune.* settings and seeds) on the top / random / bottom K conversations by
     # ΔP per trait, measured with the reference measure; 0: not run
     sharegpt_finetune_k: int = 0
-    sharegpt_finetune_sets: tuple[str, ...] = ("top", "random", "bottom")
+    sharegpt_finetune_sets: tuple[str, ...] = SHAREGPT_SETS
 
 
 @dataclass(frozen=True)
