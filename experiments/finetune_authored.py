@@ -108,7 +108,7 @@ def run_one(bench: Bench, name: str, condition: str, seed: int, work: Path, runs
             dataset_dp: float | None) -> dict[str, Any]:
     """Finetune (or, for infer:C, steer the plain finetune), measure, append the row."""
     t = time.time()
-    if condition.startswith("infer:"):
+    if vaccine_rule.inference_coef(condition):  # infer:C and its random-direction control steer the plain finetune
         model = bench.finetuned(work / folder_name(bench.trait, name, "plain", seed))
         row = bench.measure(model, condition)
     else:
@@ -154,8 +154,9 @@ def choose(rows: list[dict[str, Any]], kind: str, seed: int) -> str | None:
 
 
 def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: float | None,
-            methods: tuple[str, ...] = ("infer", "prevent", "caft", "penalty")) -> None:
-    """(c): grids at the first seed, the chosen coefficient (and CAFT) at every seed."""
+            methods: tuple[str, ...] = ("infer", "prevent", "caft", "penalty"), controls: bool = False) -> None:
+    """(c): grids at the first seed, the chosen coefficient (and CAFT) at every seed; with `controls`, the chosen
+    setting with a random direction of the vector's norm in its place, at every seed."""
     def done() -> dict[tuple[str, str, int | None], dict[str, Any]]:
         return index([r for r in read_jsonl(runs_path) if r["trait"] == bench.trait])
 
@@ -165,16 +166,17 @@ def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: flo
 
     for kind in methods:  # inference first (no training), then the paper's method
         if kind == "caft":
-            for seed in seeds:
-                ensure("caft", seed)
-            continue
-        for c in GRIDS[kind]:
-            ensure(f"{kind}:{c:g}", seeds[0])
-        chosen = choose(list(done().values()), kind, seeds[0])
+            chosen: str | None = "caft"
+        else:
+            for c in GRIDS[kind]:
+                ensure(f"{kind}:{c:g}", seeds[0])
+            chosen = choose(list(done().values()), kind, seeds[0])
+            print(f"{bench.trait} {kind}: chosen on questions 0–9 at seed {seeds[0]}: {chosen}", flush=True)
         assert chosen is not None
-        print(f"{bench.trait} {kind}: chosen on questions 0–9 at seed {seeds[0]}: {chosen}", flush=True)
-        for seed in seeds[1:]:
+        for seed in seeds:
             ensure(chosen, seed)
+        for seed in seeds if controls else []:
+            ensure(vaccine_rule.control_of(chosen), seed)
 
 
 def fill(bench: Bench, runs_path: Path, work: Path) -> None:
@@ -245,6 +247,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--vaccine", action="store_true", help="run (c) on the II set after the plain finetunes")
     ap.add_argument("--methods", default="infer,prevent,caft,penalty", help="--vaccine's methods, in order")
+    ap.add_argument("--controls", action="store_true",
+                    help="--vaccine: each method's chosen setting again with a random direction (every seed)")
     ap.add_argument("--fill", action="store_true", help="measure quiz and random shift for older rows")
     ap.add_argument("--dp-control", action="store_true", help="ΔP of each set on the random directions ((b)'s control)")
     ap.add_argument("--report-only", action="store_true")
@@ -282,7 +286,8 @@ def main() -> None:
                     if (trait, name, "plain", seed) not in done:
                         run_one(bench, name, "plain", seed, args.work, runs_path, dps[name])
             if args.vaccine:
-                vaccine(bench, seeds, args.work, runs_path, dps.get("II"), tuple(args.methods.split(",")))
+                vaccine(bench, seeds, args.work, runs_path, dps.get("II"), tuple(args.methods.split(",")),
+                        args.controls)
             if args.fill:
                 fill(bench, runs_path, args.work)
             if args.dp_control:
@@ -441,8 +446,10 @@ def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str
     lines += ["", f"### {trait}: mitigations on the II set (chosen on questions 0–9 at seed {seeds[0]}, reported "
               "on 10–19)", "",
               "| method | grid at seed 0: coef → removal on 0–9 (perplexity ÷ plain II) | chosen | seeds | "
-              "removal share on 10–19 [95% t CI] | perplexity ÷ plain II [95% t CI] | quiz − plain II |",
-              "|---|---|---|---|---|---|---|"]
+              "removal share on 10–19 [95% t CI] | perplexity ÷ plain II [95% t CI] | quiz − plain II | control: "
+              "random direction, same setting: removal on 10–19 [95% t CI] (perplexity ÷ plain II) | vector − random "
+              "removal (paired by seed) [95% t CI] |",
+              "|---|---|---|---|---|---|---|---|---|"]
     res["mitigations"] = {}
     s0 = seeds[0]
     for kind in ("prevent", "penalty", "infer", "caft"):
@@ -456,7 +463,7 @@ def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str
         chosen = "caft" if kind == "caft" else choose(mine, kind, s0) if kind in GRIDS else None
         if chosen is None:
             continue
-        rem, ppl, quiz = [], [], []
+        rem, ppl, quiz, ctrl, ctrl_ppl, beyond = [], [], [], [], [], []
         for seed in seeds:
             g, normal, plain = by.get(("II", chosen, seed)), by.get(("normal", "plain", seed)), by.get(("II", "plain", seed))
             if g is None or normal is None or plain is None:
@@ -465,16 +472,32 @@ def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str
             ppl.append(g["perplexity"] / plain["perplexity"])
             if g.get("quiz") is not None and plain.get("quiz") is not None:
                 quiz.append(g["quiz"] - plain["quiz"])
+            c = by.get(("II", vaccine_rule.control_of(chosen), seed))
+            if c is not None:
+                ctrl.append(removal(c, normal, plain, HALF_B))
+                ctrl_ppl.append(c["perplexity"] / plain["perplexity"])
+                beyond.append(rem[-1] - ctrl[-1])
         if not rem:
             continue
         entry: dict[str, Any] = {"chosen": chosen, "seeds": len(rem), "removal_half_b": t_interval(rem) if rem else None,
                  "perplexity_ratio": t_interval(ppl) if ppl else None,
-                 "quiz_change": float(np.mean(quiz)) if quiz else None, "grid": grid}
+                 "quiz_change": float(np.mean(quiz)) if quiz else None, "grid": grid,
+                 "removal_half_b_per_seed": rem}
+        if ctrl:
+            entry.update(control_removal_half_b=ctrl, control_perplexity_ratio=ctrl_ppl,
+                         vector_minus_control=t_interval(beyond) if len(beyond) > 1 else [beyond[0], None, None])
         res["mitigations"][kind] = entry
+        control_cells = "– | –"
+        if len(ctrl) > 1:
+            control_cells = (f"{fmt(t_interval(ctrl), 2)} ({np.mean(ctrl_ppl):.3f}) | {fmt(t_interval(beyond), 2)}"
+                             f" ({len(beyond)} seeds)")
+        elif ctrl:
+            control_cells = f"{ctrl[0]:+.2f} (one seed; {ctrl_ppl[0]:.3f}) | {beyond[0]:+.2f} (one seed)"
         lines.append(f"| {kind} | {'; '.join(grid)} | {chosen} | {len(rem)} | "
                      f"{fmt(entry['removal_half_b'], 2) if len(rem) > 1 else f'{rem[0]:+.2f} (one seed)'} | "
                      f"{fmt(entry['perplexity_ratio'], 3) if len(ppl) > 1 else f'{ppl[0]:.3f} (one seed)'} | "
-                     f"{'–' if entry['quiz_change'] is None else format(entry['quiz_change'], '+.3f')} |")
+                     f"{'–' if entry['quiz_change'] is None else format(entry['quiz_change'], '+.3f')} | "
+                     f"{control_cells} |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import Cli, assert_user_error
 
 import personavec as pv
@@ -78,6 +79,30 @@ def test_vaccine_choice_and_removal() -> None:
     assert m.removal.mean == pytest.approx((0.5 + 0.5) / 2) and m.removal.n == 2
     assert m.ppl_cost.mean == pytest.approx((0.02 + 0.05) / 2)
     assert vaccine.conditions("caft", [1.0, 2.0]) == ["caft"] and vaccine.inference_coef("infer:2") == -2.0
+    # the control: the chosen setting with a random direction; its removal is reported beside the method's
+    ctrl = [scored("random-prevent:1", [1.0, 1.0, 1.8, 1.8], 10.1), scored("random-prevent:1", [0, 0, 2.0, 2.0], 10.0,
+                                                                        seed=1)]
+    c = vaccine.summarize("prevent", [weak, strong], [weak], {0: normal, 1: normal}, {0: plain, 1: plain}, [0, 1],
+                          [2, 3], ctrl)
+    assert c.control is not None and c.control.mean == pytest.approx((0.1 + 0.0) / 2) and c.control.n == 2
+    assert c.control_ppl_cost is not None and c.control_ppl_cost.mean == pytest.approx(0.005)
+    assert m.control is None and vaccine.control_of("prevent:1") == "random-prevent:1"
+    assert vaccine.inference_coef("random-infer:2") == -2.0 and vaccine.inference_coef("random-prevent:1") == 0.0
+
+
+def test_vaccine_control_swaps_the_direction_only() -> None:
+    """A control condition trains (or steers) with a random direction of the vector's norm at the same setting."""
+    vec = pv.PersonaVector({"response": torch.randn(31, 64, generator=torch.Generator().manual_seed(1))},
+                           {"trait": "evil"})
+    iv, ctrl = vaccine.interventions_for("prevent:2", vec, 18), vaccine.interventions_for("random-prevent:2", vec, 18)
+    assert iv.preventative is vec and iv.coef == ctrl.coef == 2.0 and ctrl.layer == 18
+    assert ctrl.preventative is not None and ctrl.preventative.trait.startswith("random")
+    assert torch.allclose(ctrl.preventative.at(18).norm(), vec.at(18).norm())
+    assert abs(torch.nn.functional.cosine_similarity(ctrl.preventative.at(18).float(), vec.at(18).float(), dim=0)) < 0.2
+    pen = vaccine.interventions_for("random-penalty:1", vec, 18)
+    assert pen.penalty == 1.0 and pen.penalty_vector is not None and pen.penalty_vector.trait.startswith("random")
+    assert vaccine.interventions_for("random-caft", vec, 18).ablate is not vec
+    assert vaccine.direction("infer:1", vec) is vec
 
 
 def test_heldout_statistics() -> None:

@@ -254,7 +254,8 @@ def vaccine_part(name: str, t: FinetuneTrait) -> str:
     select, report = t.vaccine_questions
     rows = [[escape(VACCINE_LABELS.get(k, k)), escape(m.chosen),
              escape(", ".join(f"{c} {v:+.2f}" for c, v in m.selection.items())), _ci(m.removal, 2),
-             _ci(m.ppl_cost, 3), _ci(m.quiz_change, 3), str(len(m.seeds))] for k, m in t.vaccine.items()]
+             _ci(m.ppl_cost, 3), _ci(m.quiz_change, 3),
+             _ci(m.control, 2) if m.control else "not run", str(len(m.seeds))] for k, m in t.vaccine.items()]
     ms = list(t.vaccine.values())
     chart = _img(rise_bars([VACCINE_LABELS.get(m.method, m.method) for m in ms], [m.removal.mean or 0.0 for m in ms],
                            [m.removal.low for m in ms], [m.removal.high for m in ms],
@@ -266,13 +267,17 @@ def vaccine_part(name: str, t: FinetuneTrait) -> str:
     return (f"<h4>{escape(name)}: the vaccine comparison on the II set</h4>"
             + _table(["method", "chosen on questions " + escape(str(select)), "removal share per setting (selection)",
                       "removal share, questions " + escape(str(report)) + " [95% CI over seeds]",
-                      "perplexity cost vs plain II [95% CI]", "quiz change vs plain II [95% CI]", "seeds"], rows)
+                      "perplexity cost vs plain II [95% CI]", "quiz change vs plain II [95% CI]",
+                      "control: removal with a random direction of the same norm, same setting [95% CI]", "seeds"],
+                     rows)
             + chart
             + _reading(f"Each method's setting was chosen on questions {select} and is reported on {report}, which "
                        f"the choice never saw. The largest held-out removal was {escape(VACCINE_LABELS.get(best.method, best.method))} "
                        f"({best.removal.text(2)}) at a perplexity cost of {best.ppl_cost.text(3)} over the plain II "
                        "finetune. A removal share above 1 means the method pushed the trait below the normal finetune; "
-                       "with few seeds the intervals are wide."))
+                       "with few seeds the intervals are wide. The control column runs each method at its chosen setting "
+                       "with a random direction in place of the vector: removal the vector does not beat is not the "
+                       "trait's direction at work."))
 
 
 def screen_section(res: ScreenResult) -> str:

@@ -42,7 +42,18 @@ from .manifest import SKIPPED
 from .records import Correlation, Interval, correlation, t_interval
 from .settings import FinetuneStage
 from .steering import SteeringResult
-from .vaccine import II, NORMAL, Scored, VaccineMethod, choose, conditions, inference_coef, interventions_for
+from .vaccine import (
+    II,
+    NORMAL,
+    Scored,
+    VaccineMethod,
+    choose,
+    conditions,
+    control_of,
+    direction,
+    inference_coef,
+    interventions_for,
+)
 from .vaccine import summarize as summarize_method
 
 BASE = "base"
@@ -134,7 +145,8 @@ class Bench:
         the responses, except its finetuning shift: that is a property of the weights, read unsteered."""
         coef = inference_coef(condition)
         means = last_prompt_means(model, self.prompts)
-        hooks = self.vec.steer(model, layer=self.layer, coef=coef, allow_mismatch=True) if coef else nullcontext()
+        steer = direction(condition, self.vec)
+        hooks = steer.steer(model, layer=self.layer, coef=coef, allow_mismatch=True) if coef else nullcontext()
         with hooks:
             ref = reference_measure(model, self.trait.trait, self.questions)
             if ref.mean is None:
@@ -281,7 +293,8 @@ def run_vaccine(bench: Bench, trait: FinetuneTrait, f: FinetuneStage, data: Path
         grid = [run(c, seeds[0]) for c in grid_of(f, method)]
         chosen = choose([g.scored() for g in grid], normal[seeds[0]], plain[seeds[0]], select, f.vaccine_ppl_cap)
         at_seeds = [next(g for g in grid if g.condition == chosen)] + [run(chosen, s) for s in seeds[1:]]
-        measured += grid + at_seeds[1:]
+        controls = [run(control_of(chosen), s) for s in seeds] if f.vaccine_controls else []
+        measured += grid + at_seeds[1:] + controls
         methods[method] = summarize_method(method, [g.scored() for g in grid], [m.scored() for m in at_seeds],
-                                           normal, plain, select, report)
+                                           normal, plain, select, report, [c.scored() for c in controls])
     return dataclasses.replace(trait, vaccine=methods, vaccine_runs=measured, vaccine_questions=(select, report))

@@ -53,7 +53,8 @@ CPU = ReproduceSettings(
     # cheapest methods (a whole comparison for three traits is hours on two cores)
     finetune=FinetuneStage(sets=("normal", "mix050", "II"), seeds=(0, 1), epochs=2.0, max_rows=80,
                            n_questions=None, vaccine=("infer", "prevent"), vaccine_traits=("evil",),
-                           preventative_coefs=(1.0, 2.0), infer_coefs=(1.0, 2.0, 4.0)),
+                           preventative_coefs=(1.0, 2.0), infer_coefs=(1.0, 2.0, 4.0),
+                           vaccine_controls=False),  # the random-direction controls: +2 finetunes, past the hour
     # no ShareGPT finetunes: 3 traits × 3 sets × 2 seeds would add about 45 minutes (issue 13 (d) is the
     # experiment's committed run: experiments/out/finetune_sharegpt)
     screen=ScreenStage(sharegpt_n=2000, sharegpt_finetune_k=0),

@@ -102,6 +102,8 @@ class FinetuneStage:
     penalty_weights: tuple[float, ...] = (0.1, 1.0)  # grid of penalty:W (W × squared projection in the loss)
     infer_coefs: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # grid of infer:C (−C × v on the II finetune's answers)
     vaccine_ppl_cap: float = 1.05  # choice: perplexity at most this many times the plain II finetune's
+    # each method's control: its chosen setting again with a random direction of the vector's norm, every seed
+    vaccine_controls: bool = True
     removal_target: float = 0.5  # target: preventative steering removes at least this share of II − normal
     ppl_cost_max: float = 0.05  # ... at a perplexity cost of at most this share
     r_shift_target: float = 0.8  # (a) r(finetuning shift, trait change), issue 13

@@ -109,8 +109,9 @@ def vaccine_targets(res: FinetuneResult, f: FinetuneStage) -> list[Target]:
             continue
         met = None if m.removal.mean is None or m.ppl_cost.mean is None else \
             m.removal.mean >= f.removal_target and m.ppl_cost.mean <= f.ppl_cost_max
+        control = f"; random direction, same setting: {m.control.text(2)}" if m.control else ""
         out.append(Target("finetune", f"{name}: {claim}", f"{m.chosen}: removal {m.removal.text(2)}, perplexity "
-                          f"cost {m.ppl_cost.text(3)} (held-out half, n = {m.removal.n} seeds)", met, ISSUE13))
+                          f"cost {m.ppl_cost.text(3)} (held-out half, n = {m.removal.n} seeds){control}", met, ISSUE13))
     if not out:
         why = "finetune.vaccine does not include prevent" if "prevent" not in f.vaccine else \
             "not run for these traits (finetune.vaccine_traits)"

@@ -9,13 +9,19 @@ coefficient is chosen on the first half of the measured evaluation questions (la
 conditions whose neutral-text perplexity is within `ppl_cap` × the plain II finetune's, else the cheapest), then
 run at the other seeds; removal share and perplexity cost are reported on the second half, with t intervals
 over seeds. Removal share = 1 − (condition − normal) / (II − normal), each finetune compared with the normal
-and II finetunes of its own seed. The choice is pure over measured values (`choose`), so it can be replayed."""
+and II finetunes of its own seed. The choice is pure over measured values (`choose`), so it can be replayed.
+
+The control of each method is the same method at its chosen setting with a seeded random direction of the
+vector's norm at every layer in place of the vector (`random-<condition>`, `controls.random_like`): the removal a
+method owes to the trait's direction is its removal beyond that of pushing (or penalizing, or ablating) some
+direction as hard."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..controls import random_like
 from ..errors import PersonavecError
 from ..training import Interventions
 from ..vectors import PersonaVector
@@ -23,6 +29,8 @@ from .records import Interval, t_interval
 from .settings import VACCINE_METHODS as METHODS
 
 II, NORMAL = "II", "normal"
+CONTROL = "random-"  # prefix of a control condition: the method with a random direction in place of the vector
+CONTROL_SEED = 0  # the random direction's seed (the first of the shift control's directions)
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,8 @@ class VaccineMethod:
     ppl_cost: Interval  # perplexity ÷ the same seed's plain II finetune's − 1, over seeds
     quiz_change: Interval  # quiz accuracy − the same seed's plain II finetune's, over seeds
     seeds: list[int]
+    control: Interval | None = None  # removal share of `random-<chosen>` on the report half, over seeds
+    control_ppl_cost: Interval | None = None
 
 
 def conditions(method: str, grid: Sequence[float]) -> list[str]:
@@ -55,9 +65,21 @@ def conditions(method: str, grid: Sequence[float]) -> list[str]:
     return ["caft"] if method == "caft" else [f"{method}:{c:g}" for c in grid]
 
 
+def control_of(condition: str) -> str:
+    """The random-direction control of a condition ('prevent:1' → 'random-prevent:1')."""
+    return CONTROL + condition
+
+
+def direction(condition: str, vec: PersonaVector) -> PersonaVector:
+    """The direction a condition trains or steers with: the vector, or for a control its random stand-in."""
+    return random_like(vec, CONTROL_SEED) if condition.startswith(CONTROL) else vec
+
+
 def interventions_for(condition: str, vec: PersonaVector, layer: int) -> Interventions:
-    """What the trainer does for a training condition ('caft', 'prevent:C', 'penalty:W'; anything else: nothing)."""
-    kind, _, value = condition.partition(":")
+    """What the trainer does for a training condition ('caft', 'prevent:C', 'penalty:W', each optionally as its
+    'random-' control; anything else: nothing)."""
+    vec = direction(condition, vec)
+    kind, _, value = condition.removeprefix(CONTROL).partition(":")
     if kind == "prevent":
         return Interventions(preventative=vec, coef=float(value), layer=layer)
     if kind == "penalty":
@@ -68,8 +90,8 @@ def interventions_for(condition: str, vec: PersonaVector, layer: int) -> Interve
 
 
 def inference_coef(condition: str) -> float:
-    """The steering coefficient a condition is measured under: −C for 'infer:C', else 0."""
-    kind, _, value = condition.partition(":")
+    """The steering coefficient a condition is measured under: −C for 'infer:C' (and its control), else 0."""
+    kind, _, value = condition.removeprefix(CONTROL).partition(":")
     return -float(value) if kind == "infer" else 0.0
 
 
@@ -102,16 +124,23 @@ def choose(grid: Sequence[Scored], normal: Scored, plain: Scored, half: Sequence
 
 
 def summarize(method: str, grid: Sequence[Scored], chosen: Sequence[Scored], normals: dict[int, Scored],
-              plains: dict[int, Scored], select: Sequence[int], report: Sequence[int]) -> VaccineMethod:
+              plains: dict[int, Scored], select: Sequence[int], report: Sequence[int],
+              controls: Sequence[Scored] = ()) -> VaccineMethod:
     """The method's record: the selection-half removal over the grid (first seed) and, at the chosen condition,
-    removal, perplexity cost and quiz change on the report half over seeds."""
+    removal, perplexity cost and quiz change on the report half over seeds; with `controls` (the chosen
+    condition's random-direction runs), their removal and perplexity cost beside it."""
     seed0 = chosen[0].seed
     assert seed0 is not None
     sel = {g.condition: removal(g, normals[seed0], plains[seed0], select) for g in grid}
-    seeds = [s.seed for s in chosen if s.seed is not None]
-    return VaccineMethod(
-        method=method, chosen=chosen[0].condition, selection=sel,
-        removal=t_interval([removal(s, normals[k], plains[k], report) for s, k in zip(chosen, seeds, strict=True)]),
-        ppl_cost=t_interval([s.perplexity / plains[k].perplexity - 1 for s, k in zip(chosen, seeds, strict=True)]),
-        quiz_change=t_interval([s.quiz - plains[k].quiz for s, k in zip(chosen, seeds, strict=True)]),
-        seeds=seeds)
+
+    def over_seeds(runs: Sequence[Scored]) -> tuple[Interval, Interval, Interval]:
+        pairs = [(s, s.seed) for s in runs if s.seed is not None]
+        return (t_interval([removal(s, normals[k], plains[k], report) for s, k in pairs]),
+                t_interval([s.perplexity / plains[k].perplexity - 1 for s, k in pairs]),
+                t_interval([s.quiz - plains[k].quiz for s, k in pairs]))
+
+    rem, ppl, quiz = over_seeds(chosen)
+    ctrl = over_seeds(controls) if controls else None
+    return VaccineMethod(method=method, chosen=chosen[0].condition, selection=sel, removal=rem, ppl_cost=ppl,
+                         quiz_change=quiz, seeds=[int(s.seed) for s in chosen if s.seed is not None],
+                         control=ctrl[0] if ctrl else None, control_ppl_cost=ctrl[1] if ctrl else None)
