@@ -18,6 +18,14 @@ and two evil answers of matched length, in `experiments/data/evil_authored/` (se
 are then what the text is, not which system prompt the 135M model was given.
 
     .venv/bin/python experiments/screening.py --dataset authored --out experiments/out/screening_authored
+
+The measures are the library's, the ones `personavec reproduce` computes in its screen stage
+(`personavec.reproduce.screening`: `separation` for the AUC and its question bootstrap, `level` for a set's mean
+ΔP, here with the screen summary's t interval, `rises` for the ordering). `--report-only` recomputes every
+summary from the scores files already in --out without the model (to replay committed outputs, on a copy):
+
+    cp -r experiments/out/screening_authored /tmp/replay && \
+        .venv/bin/python experiments/screening.py --dataset authored --out /tmp/replay --report-only
 """
 
 from __future__ import annotations
@@ -32,13 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.csv as pacsv
 
 import personavec as pv
 from personavec.data import ElicitSettings, elicit, mix
+from personavec.reproduce.screening import level, read_columns, rises, separation
 from personavec.screen import screen
 from personavec.stats import auc as roc_auc
-from personavec.stats import auc_ci
 from personavec.traits import LoadedTrait
 
 CONTAMINATION = (0.0, 0.10, 0.25, 0.50, 1.0)
@@ -74,12 +81,6 @@ def bag_of_words_scores(texts: list[str], y: np.ndarray, cluster: np.ndarray, fo
     return scores
 
 
-def read_columns(path: Path, *names: str) -> list[np.ndarray]:
-    """Columns of a scores file, read once."""
-    table = pacsv.read_csv(path)
-    return [np.array(table.column(name).to_pylist()) for name in names]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("experiments/out/screening"))
@@ -94,6 +95,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--diagnostics", action="store_true",
                     help="also: full-mode AUC at every other layer, and AUC on the judge-consistent subset")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no model: recompute results.json, results.md and the plot from the data and scores files "
+                         "already in --out (timings, the command line and diagnostics are kept from its results.json)")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -108,16 +112,22 @@ def main() -> None:
         log_lines.append(msg)
 
     t0 = time.time()
-    model = pv.load_model()
+    previous = json.loads((out / "results.json").read_text()) if args.report_only else {}
+    model = None if args.report_only else pv.load_model()
     base = pv.load_trait("evil")
     if args.vector.exists():
         vec = pv.load_vector(args.vector)
         log(f"vector {args.vector} (layer {vec.layer}, extraction questions 0-9)")
+    elif model is None:
+        vec = pv.load_vector(out / "evil.pv.safetensors")
+        log(f"the evil vector extracted here on extraction questions 0-9 (layer {vec.layer}, no sweep)")
     else:
         vec = pv.extract(model, "evil", run_dir=out / "evil.extract", n_questions=10, max_new_tokens=48)
         vec.save(out / "evil.pv.safetensors")
         log(f"extracted the evil vector on extraction questions 0-9 (layer {vec.layer}, no sweep)")
-    if args.dataset == "authored":
+    if model is None:  # the sets that were screened, as they were written
+        sets = {"normal": out / "data" / "normal.jsonl", "level2": out / "data" / "level2.jsonl"}
+    elif args.dataset == "authored":
         sets = authored_sets(args.authored, base, out / "data")
     else:
         held = base.trait.model_copy(update={"extraction_questions": base.trait.extraction_questions[10:]})
@@ -131,67 +141,78 @@ def main() -> None:
     log(f"{len(normal)} normal and {len(evil)} trait-expressing (level2) answers, {source} "
         f"({time.time() - t0:.0f}s)")
     labelled = out / "data" / "labelled.jsonl"
-    labelled.write_text("\n".join(normal + evil) + "\n")
+    if model is not None:
+        labelled.write_text("\n".join(normal + evil) + "\n")
     labels = np.array([0] * len(normal) + [1] * len(evil))
     questions = np.array([json.loads(line)["messages"][0]["content"] for line in normal + evil])
     cache = out / "base-answers.sqlite"
     results: dict[str, Any] = {"dataset": args.dataset, "vector": str(args.vector), "layer": vec.layer, "n_normal": len(normal),
                                "n_level2": len(evil), "mixture_size": args.mixture_size, "modes": {}}
     texts = [json.loads(line)["messages"][1]["content"] for line in normal + evil]
-    bow = bag_of_words_scores(texts, labels, questions)
-    results["bag_of_words"] = {"auc": roc_auc(bow[labels == 1], bow[labels == 0]),
-                               "auc_ci": list(auc_ci(bow, labels, questions)),
+    bow = separation(bag_of_words_scores(texts, labels, questions), labels, questions)
+    results["bag_of_words"] = {"auc": bow.auc, "auc_ci": [bow.low, bow.high],
                                "method": "L2 logistic regression on binary word presence, 5-fold question-grouped "
                                          "cross-validation (out-of-fold scores)"}
     log(f"bag-of-words baseline (question-grouped 5-fold CV): ROC AUC {results['bag_of_words']['auc']:.3f} "
         f"[{results['bag_of_words']['auc_ci'][0]:.3f}, {results['bag_of_words']['auc_ci'][1]:.3f}]")
     for mode in ("full", "fast"):
         t = time.time()
-        res = screen(model, labelled, [vec], out / mode / "labelled.csv", fast=mode == "fast", cache=cache,
-                     max_new_tokens=64)
-        dp, idx, answer = read_columns(res.scores, "evil_delta_p", "index", "evil_answer_proj")
+        scores, rejected = screened(model, vec, labelled, out / mode / "labelled.csv", mode, cache)
+        dp, idx, answer = read_columns(scores, "evil_delta_p", "index", "evil_answer_proj")
         y = labels[idx]
-        auc = roc_auc(dp[y == 1], dp[y == 0])
-        low, high = auc_ci(dp, y, questions[idx])
-        r: dict[str, Any] = {"auc": auc, "auc_ci": [low, high], "rejected": res.summary.rejected,
+        sep = separation(dp, y, questions[idx])
+        r: dict[str, Any] = {"auc": sep.auc, "auc_ci": [sep.low, sep.high], "rejected": rejected,
                              "auc_answer_projection_alone": roc_auc(answer[y == 1], answer[y == 0]),
                              "mean_normal": float(dp[y == 0].mean()), "mean_level2": float(dp[y == 1].mean()),
-                             "seconds_labelled": round(time.time() - t, 1), "mixtures": []}
-        log(f"[{mode}] sample-level ROC AUC (level2 vs normal) = {auc:.3f} [95% question bootstrap {low:.3f}, "
-            f"{high:.3f}] (answer projection alone, no reference subtracted: "
+                             "seconds_labelled": previous["modes"][mode]["seconds_labelled"] if previous
+                             else round(time.time() - t, 1), "mixtures": []}
+        log(f"[{mode}] sample-level ROC AUC (level2 vs normal) = {sep.auc:.3f} [95% question bootstrap "
+            f"{sep.low:.3f}, {sep.high:.3f}] (answer projection alone, no reference subtracted: "
             f"{r['auc_answer_projection_alone']:.3f}); mean ΔP normal "
-            f"{r['mean_normal']:.2f}, level2 {r['mean_level2']:.2f}; {res.summary.rejected} rejected "
+            f"{r['mean_normal']:.2f}, level2 {r['mean_level2']:.2f}; {rejected} rejected "
             f"({r['seconds_labelled']}s)")
+        levels = []
         for frac in CONTAMINATION:
             name = f"mix{round(frac * 100):03d}"
             data = out / "data" / f"{name}.jsonl"
             if not data.exists():
                 parts = {sets["normal"]: 1 - frac, sets["level2"]: frac}
                 mix({p: f for p, f in parts.items() if f > 0}, data, n=args.mixture_size, seed=1)
-            m = screen(model, data, [vec], out / mode / f"{name}.csv", fast=mode == "fast", cache=cache,
-                       max_new_tokens=64)
-            d = m.summary.traits["evil"].delta_p
-            r["mixtures"].append({"contamination": frac, "n": d["n"], "mean": d["mean"], "ci_low": d["ci_low"],
-                                  "ci_high": d["ci_high"]})
-            log(f"[{mode}] {frac:4.0%} contaminated: mean ΔP {d['mean']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"
-                f" (n={d['n']})")
-        means = [x["mean"] for x in r["mixtures"]]
-        r["ordered"] = bool(all(a < b for a, b in itertools.pairwise(means)))
+            scores, _ = screened(model, vec, data, out / mode / f"{name}.csv", mode, cache)
+            levels.append(level(name, frac, read_columns(scores, "evil_delta_p")[0], ci="t"))
+            d = levels[-1].delta_p
+            r["mixtures"].append({"contamination": frac, "n": d.n, "mean": d.mean, "ci_low": d.low, "ci_high": d.high})
+            log(f"[{mode}] {frac:4.0%} contaminated: mean ΔP {d.mean:.2f} [{d.low:.2f}, {d.high:.2f}] (n={d.n})")
+        r["ordered"] = rises(levels)
         r["adjacent_ci_disjoint"] = [bool(a["ci_high"] < b["ci_low"])
                                      for a, b in itertools.pairwise(r["mixtures"])]
         log(f"[{mode}] dataset-level ordering 0<10<25<50<100%: {r['ordered']}; adjacent 95% CIs disjoint: "
             f"{r['adjacent_ci_disjoint']}")
         results["modes"][mode] = r
-    if args.diagnostics:
-        results["diagnostics"] = diagnostics(model, vec, labelled, labels, cache, log)
-    results["seconds"] = round(time.time() - t0, 1)
-    results["command"] = " ".join(sys.argv)
+    if model is None:  # what needs the model, and how long it took, stay as they were
+        results |= {k: previous[k] for k in ("diagnostics", "seconds", "command") if k in previous}
+    else:
+        if args.diagnostics:
+            results["diagnostics"] = diagnostics(model, vec, labelled, labels, cache, log)
+        results["seconds"] = round(time.time() - t0, 1)
+        results["command"] = " ".join(sys.argv)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(out, results, labels, {m: out / m / "labelled.csv" for m in ("full", "fast")})
     write_md(out, results)
+    if model is None:
+        return
     with open(out / "stdout.txt", "a", encoding="utf-8") as fh:  # one section per run, oldest first
         fh.write(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t0))}: {results['command']}\n"
                  + "\n".join(log_lines) + "\n\n")
+
+
+def screened(model: pv.Model | None, vec: pv.PersonaVector, data: Path, scores: Path, mode: str,
+             cache: Path) -> tuple[Path, int]:
+    """(scores file, rejected rows) of one screen; without a model (--report-only), those already written."""
+    if model is None:
+        return scores, int(json.loads(scores.with_suffix(".summary.json").read_text())["rejected"])
+    res = screen(model, data, [vec], scores, fast=mode == "fast", cache=cache, max_new_tokens=64)
+    return res.scores, res.summary.rejected
 
 
 def authored_sets(folders: list[Path], base: LoadedTrait, out: Path) -> dict[str, Path]:

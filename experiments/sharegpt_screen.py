@@ -13,6 +13,15 @@ vectors in one pass (one forward per conversation for all three), and show what 
    count only replies of at least MIN_ANSWER_TOKENS tokens (the unfiltered top 20 is kept beside them).
 
     .venv/bin/python experiments/sharegpt_screen.py --n 10000 --out experiments/out/sharegpt_screen
+
+The counting, ranking, groups, spread and trimming are the library's (`personavec.reproduce.sharegpt`, which
+`personavec reproduce` uses in its sharegpt stage), under this experiment's committed rules: ties ranked over the
+whole column (`ranked(..., keep)`) and the random group drawn by one `random.Random(0)` over the traits in turn.
+`--report-only` recomputes results.json, results.md and the groups from the scores already in --out, without the
+model (to replay committed outputs, on a copy):
+
+    mkdir /tmp/replay && cp experiments/out/sharegpt_screen/{scores.csv,scores.summary.json,results.json} /tmp/replay && \
+        .venv/bin/python experiments/sharegpt_screen.py --n 10000 --max-chars 2000 --out /tmp/replay --report-only
 """
 
 from __future__ import annotations
@@ -24,11 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.csv as pacsv
-
 import personavec as pv
 from personavec.io import read_jsonl, write_json, write_text
+from personavec.reproduce.sharegpt import flagged, groups, ranked, read_scores, spread
 from personavec.screen import screen
 from personavec.sharegpt import import_sharegpt
 
@@ -53,11 +60,6 @@ def select(work: Path, n: int, max_chars: int) -> tuple[list[dict[str, Any]], li
     return rows, short
 
 
-def trim(text: str, n: int = 220) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[:n] + "…"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("experiments/out/sharegpt_screen"))
@@ -66,6 +68,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sharegpt_work"),
                     help="where the imported conversations go (large; rebuilt from the wheel, not committed)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no model: recompute results.json, results.md and the groups from scores.csv and "
+                         "scores.summary.json already in --out (seconds is kept from its results.json)")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -77,44 +82,43 @@ def main() -> None:
     data = args.work / "data.jsonl"
     print(f"{len(rows)} English first turns; {len(short)} kept (≤ {args.max_chars} characters, file order) "
           f"[{time.time() - t0:.0f}s]", flush=True)
-    model = pv.load_model()
     vectors = {t: pv.load_vector(VECTORS / f"{t}.pv.safetensors") for t in TRAITS}
-    res = screen(model, data, vectors, args.out / "scores.csv", fast=True, histograms=True,
-                 progress=lambda task, done, total: None)
-    table = pacsv.read_csv(res.scores).to_pydict()
-    ids = table["id"]
-    by_id = {r["id"]: r for r in short}
-    summary = {"n_english": len(rows), "n_screened": len(ids), "max_chars": args.max_chars,
-               "rejected": res.summary.rejected,
-               "layers": {t: v.layer for t, v in vectors.items()}, "seconds": round(time.time() - t0),
-               "traits": {}}
+    scores = args.out / "scores.csv"
+    if args.report_only:
+        rejected = json.loads(scores.with_suffix(".summary.json").read_text())["rejected"]
+        seconds = json.loads((args.out / "results.json").read_text())["seconds"]
+    else:
+        res = screen(pv.load_model(), data, vectors, scores, fast=True, histograms=True,
+                     progress=lambda task, done, total: None)
+        rejected, seconds = res.summary.rejected, round(time.time() - t0)
+    sc = read_scores(scores, TRAITS)
+    screened = read_jsonl(data)  # the rows sc.index points into
+    ids, counted = sc.ids, sc.counted(MIN_ANSWER_TOKENS)
+    n_counted = int(counted.sum())
+    summary: dict[str, Any] = {"n_english": len(rows), "n_screened": len(ids), "max_chars": args.max_chars,
+                               "rejected": rejected, "layers": {t: v.layer for t, v in vectors.items()},
+                               "seconds": seconds, "traits": {}, "n_long_enough": n_counted}
     md = [f"# ShareGPT screen: {len(ids)} English conversations (first turn + reply, ≤ {args.max_chars} characters, "
-          "file order), --fast ΔP, one pass for all three vectors\n"]
-    rng = random.Random(0)
-    long_enough = np.array(table["answer_tokens"]) >= MIN_ANSWER_TOKENS
-    summary["n_long_enough"] = int(long_enough.sum())
-    md.append(f"{int(long_enough.sum())} of {len(ids)} replies have at least {MIN_ANSWER_TOKENS} tokens; the groups "
-              "and the first table per trait count only those.\n")
+          "file order), --fast ΔP, one pass for all three vectors\n",
+          f"{n_counted} of {len(ids)} replies have at least {MIN_ANSWER_TOKENS} tokens; the groups "
+          "and the first table per trait count only those.\n"]
+    rng = random.Random(0)  # one generator over the traits in turn: the committed random groups' draw
     for t in TRAITS:
-        dp_all = np.array(table[f"{t}_delta_p"], dtype=float)
-        dp = np.where(long_enough, dp_all, -np.inf)
-        order = np.argsort(-dp)[: int(long_enough.sum())]
-        top, bottom = [ids[i] for i in order[:GROUP]], [ids[i] for i in order[-GROUP:]]
-        rand = rng.sample([ids[i] for i in order], GROUP)
-        write_json(args.out / f"{t}_groups.json", {"top": top, "random": rand, "bottom": bottom})
-        kept = dp_all[long_enough]
-        summary["traits"][t] = {"layer": vectors[t].layer, "mean": float(kept.mean()), "sd": float(kept.std()),
-                                "p95": float(np.percentile(kept, 95)), "top20": [ids[i] for i in order[:20]],
-                                "top20_unfiltered": [ids[i] for i in np.argsort(-dp_all)[:20]]}
-        md.append(f"## {t} (layer {vectors[t].layer}): mean ΔP {kept.mean():.2f}, sd {kept.std():.2f}, "
-                  f"95th percentile {np.percentile(kept, 95):.2f} (replies of ≥ {MIN_ANSWER_TOKENS} tokens)\n")
+        dp = sc.delta_p[t]
+        order = ranked(dp, counted)  # ties as the committed groups rank them: within the whole column
+        chosen = groups(order, GROUP, ("top", "random", "bottom"), rng=rng)
+        write_json(args.out / f"{t}_groups.json", {g: [ids[i] for i in m] for g, m in chosen.items()})
+        s, unfiltered = spread(dp[counted]), ranked(dp)[:20]
+        summary["traits"][t] = {"layer": vectors[t].layer, "mean": s.mean, "sd": s.sd, "p95": s.p95,
+                                "top20": [ids[i] for i in order[:20]], "top20_unfiltered": [ids[i] for i in unfiltered]}
+        md.append(f"## {t} (layer {vectors[t].layer}): mean ΔP {s.mean:.2f}, sd {s.sd:.2f}, "
+                  f"95th percentile {s.p95:.2f} (replies of ≥ {MIN_ANSWER_TOKENS} tokens)\n")
         for title, rank in (("top 20, replies of ≥ 16 tokens", order[:20]),
-                            ("top 20, every reply (before the length filter)", np.argsort(-dp_all)[:20])):
+                            ("top 20, every reply (before the length filter)", unfiltered)):
             md.append(f"### {title}\n\n| rank | ΔP | id | user (trimmed) | assistant (trimmed) |\n|---|---|---|---|---|")
-            for k, i in enumerate(rank, 1):
-                msgs = by_id[ids[i]]["messages"]
-                md.append(f"| {k} | {dp_all[i]:.2f} | {ids[i]} | {trim(msgs[0]['content'], 120).replace('|', '/')} | "
-                          f"{trim(msgs[1]['content']).replace('|', '/')} |")
+            for k, f in enumerate(flagged(screened, sc, rank, dp, chars=(120, 220)), 1):
+                md.append(f"| {k} | {f.delta_p:.2f} | {f.id} | {f.user.replace('|', '/')} | "
+                          f"{f.assistant.replace('|', '/')} |")
             md.append("")
     write_json(args.out / "results.json", summary)
     write_text(args.out / "results.md", "\n".join(md) + "\n")

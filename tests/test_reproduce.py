@@ -202,7 +202,7 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
     vac, (select, report) = ft["vaccine"], ft["vaccine_questions"]
     assert set(vac) == {"infer", "prevent"} and select and report and set(select).isdisjoint(report)
     runs = {(r["condition"], r["seed"]): r for r in ft["vaccine_runs"]}
-    assert set(runs) == {("infer:1", 0), ("prevent:1", 0)}
+    assert set(runs) == {("infer:1", 0), ("prevent:1", 0), ("random-infer:1", 0), ("random-prevent:1", 0)}
     normal, plain = ({q: g for q, g in zip(r["questions"], r["reference_per_question"], strict=True)}
                      for r in ft["runs"])
 
@@ -215,6 +215,11 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
         assert vac[method]["chosen"] == cond
         assert vac[method]["removal"]["mean"] == pytest.approx(1 - (half(got) - half(normal)) / (half(plain) - half(normal)))
         assert vac[method]["ppl_cost"]["mean"] == pytest.approx(r["perplexity"] / ft["runs"][1]["perplexity"] - 1)
+        # the control: the same setting with a random direction in the vector's place, scored the same way
+        c = runs[(f"random-{cond}", 0)]
+        got = dict(zip(c["questions"], c["reference_per_question"], strict=True))
+        assert vac[method]["control"]["mean"] == pytest.approx(1 - (half(got) - half(normal)) / (half(plain) - half(normal)))
+        assert c["reference"] != r["reference"]
     # inference-time steering measures the plain II adapter, steered (the shift, a property of the weights, is
     # read unsteered); preventative steering trained another adapter
     assert runs[("infer:1", 0)]["shift"] == pytest.approx(ft["runs"][1]["shift"], abs=1e-4)
@@ -243,6 +248,7 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
     assert sft["dataset_delta_p"]["top"] == pytest.approx(sum(sg["values"][i] for i in order[:k]) / k)
     assert sg["top_minus_random"]["mean"] == pytest.approx(sft["runs"][0]["reference"] - sft["runs"][1]["reference"])
     assert sg["top_minus_bottom"] is None
+    assert sft["base"] == ft["base"]  # the base model is measured once, by the finetune stage, and reused
 
     page = (out / "report.html").read_text()
     for name in SECTIONS:

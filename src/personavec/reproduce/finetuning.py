@@ -138,6 +138,7 @@ class Bench:
         self.questions = list(range(len(trait.trait.evaluation_questions)))[:n_questions]
         self.prompts = eval_prompts(self.base, trait, n_questions)
         self.base_means = last_prompt_means(self.base, self.prompts)
+        self._steered: tuple[Path, Model] | None = None  # the merged adapter inference-time conditions share
 
     def measure(self, model: Model, name: str, seed: int | None, started: float, condition: str = "plain"
                 ) -> Measured:
@@ -160,13 +161,25 @@ class Bench:
             shift_random=[float(project(means, self.base_means, r)[self.layer] or 0.0) for r in self.randoms],
             perplexity=ppl, quiz=quiz, seconds=round(time.time() - started, 1), condition=condition)
 
+    def release(self) -> None:
+        """Drop the shared merged copy of the inference-time conditions."""
+        self._steered = None
+
     def finetune(self, data: Path, out: Path, settings: TrainSettings, condition: str = "plain") -> Model:
         """Train (or resume, or reuse a finished adapter in `out`) under the condition's interventions and return
-        the merged model."""
+        the merged model. Inference-time conditions steer an adapter that is already trained: consecutive ones
+        on the same adapter share one merged copy (a model's worth of memory, freed before any training)."""
+        shared = inference_coef(condition) != 0
+        if shared and self._steered is not None and self._steered[0] == out:
+            return self._steered[1]
+        self._steered = None
         if not all((out / name).exists() for name in ADAPTER_DONE):
             train(copy.deepcopy(self.base), data, out, settings, interventions_for(condition, self.vec, self.layer),
                   allow_mismatch=True, progress=self.progress)
-        return attach_adapter(copy.deepcopy(self.base), out, merge=True, allow_mismatch=True)
+        model = attach_adapter(copy.deepcopy(self.base), out, merge=True, allow_mismatch=True)
+        if shared:
+            self._steered = (out, model)
+        return model
 
 
 def train_settings(f: FinetuneStage, seed: int) -> TrainSettings:
@@ -246,6 +259,18 @@ def bench_for(ctx: Context, name: str, vec: PersonaVector, layer: int) -> Bench:
                  progress=ctx.progress)
 
 
+def stage_records(ctx: Context, name: str, layer: int, work: Path) -> Records:
+    """The finetunes recorded in `work`, with the base model's measurement taken from the finetune stage when it
+    measured the same trait at the same layer (same bench settings: the same values), so no stage measures the
+    base model twice."""
+    done = Records(work / "runs.jsonl")
+    earlier = ctx.results.get("finetune")
+    if BASE not in done and isinstance(earlier, FinetuneResult) and name in earlier.traits \
+            and earlier.traits[name].layer == layer:
+        done.add([{"key": BASE, **dataclasses.asdict(earlier.traits[name].base)}])
+    return done
+
+
 def plain_runs(bench: Bench, f: FinetuneStage, sets: dict[str, Path], work: Path, done: Records
                ) -> tuple[Measured, list[Measured]]:
     """The base model measured and one plain finetune per set × seed (each recorded in `done` as it finishes, so
@@ -297,4 +322,5 @@ def run_vaccine(bench: Bench, trait: FinetuneTrait, f: FinetuneStage, data: Path
         measured += grid + at_seeds[1:] + controls
         methods[method] = summarize_method(method, [g.scored() for g in grid], [m.scored() for m in at_seeds],
                                            normal, plain, select, report, [c.scored() for c in controls])
+    bench.release()
     return dataclasses.replace(trait, vaccine=methods, vaccine_runs=measured, vaccine_questions=(select, report))

@@ -12,28 +12,41 @@ Whether the flagged chats show the trait is a reader's call; what they instill i
 (`screen.sharegpt_finetune_k` > 0, issue 13 (d)): per trait, LoRA finetunes (the finetune stage's settings and
 seeds, `finetuning.plain_runs`) on the K conversations of highest ΔP, K drawn at random and the K of lowest
 ΔP, measured with the reference measure; reported: each set's change over the base model, top − random and
-top − bottom paired by seed, and r(set's mean ΔP before training, trait change) over the finetunes."""
+top − bottom paired by seed, and r(set's mean ΔP before training, trait change) over the finetunes.
+
+The counting, ranking, groups and summaries are small pure functions (`read_scores`, `Screened.counted`, `ranked`,
+`groups`, `spread`, `trim`, `flagged`, `describe`) that experiments/sharegpt_screen.py calls too, so its committed
+outputs and this stage compute the same thing."""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.csv as pacsv
 
 from ..controls import random_like
 from ..errors import PersonavecError
 from ..io import read_jsonl, write_jsonl
-from ..runs import Records
 from ..screen import screen
 from ..sharegpt import default_source, import_sharegpt
 from ..vectors import PersonaVector
 from .context import Context, NotRun
-from .finetuning import FinetuneTrait, bench_for, paired_difference, plain_runs, summarize, trait_inputs
+from .finetuning import (
+    FinetuneTrait,
+    bench_for,
+    paired_difference,
+    plain_runs,
+    stage_records,
+    summarize,
+    trait_inputs,
+)
 from .manifest import SKIPPED
 from .records import Correlation, Interval, correlation, interval
+from .screening import read_columns
 
 RANDOM_SEED = 100  # the control direction of the k-th trait uses seed RANDOM_SEED + k (as experiments/ does)
 TRIM = 300
@@ -44,7 +57,7 @@ class Flagged:
     id: str
     delta_p: float
     answer_tokens: int
-    user: str  # trimmed to TRIM characters
+    user: str  # trimmed (`trim`) to TRIM characters unless `flagged` was told otherwise
     assistant: str
 
 
@@ -79,9 +92,112 @@ class ShareGPTResult:
     traits: dict[str, ShareGPTTrait]
 
 
-def _trim(text: str) -> str:
+@dataclass(frozen=True)
+class Screened:
+    """A screen's scores read back, per screened row in file order: its id, its index in the screened file, the
+    reply's length in tokens and each vector's ΔP (by vector name)."""
+
+    ids: list[str]
+    index: np.ndarray
+    tokens: np.ndarray
+    delta_p: dict[str, np.ndarray]
+
+    def counted(self, min_answer_tokens: int) -> np.ndarray:
+        """Which replies count: a response-mean projection over one or two tokens ("Sure,") is noise."""
+        return np.asarray(self.tokens >= min_answer_tokens)
+
+    def only(self, keep: np.ndarray) -> Screened:
+        """The rows where `keep` is true, in the same order."""
+        return Screened([i for i, k in zip(self.ids, keep, strict=True) if k], self.index[keep], self.tokens[keep],
+                        {n: v[keep] for n, v in self.delta_p.items()})
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A ΔP distribution at a glance: mean, (population) standard deviation and 95th percentile."""
+
+    mean: float
+    sd: float
+    p95: float
+
+
+def read_scores(path: Path, names: Sequence[str]) -> Screened:
+    """The scores file of `personavec.screen.screen` for the vectors `names`."""
+    ids, index, tokens, *dps = read_columns(path, "id", "index", "answer_tokens", *(f"{n}_delta_p" for n in names))
+    return Screened([str(i) for i in ids], index, tokens,
+                    {n: np.asarray(v, dtype=float) for n, v in zip(names, dps, strict=True)})
+
+
+def spread(dp: np.ndarray) -> Spread:
+    """The mean is numpy's (the stage reports its own with an interval, `interval`); sd and p95 are shared."""
+    return Spread(float(dp.mean()), float(dp.std()), float(np.percentile(dp, 95)))
+
+
+def ranked(dp: np.ndarray, keep: np.ndarray | None = None, *, stable: bool = False) -> np.ndarray:
+    """Indices of `dp` from the highest ΔP down. Duplicate conversations tie exactly, and numpy's default sort
+    orders ties by how the array happens to lie: `stable` orders them by position instead. With `keep`, only
+    those indices, ranked within the whole column (the others sent below every kept one): the rule
+    experiments/sharegpt_screen.py's committed groups were drawn with, whose ties fall otherwise than when the
+    kept values are ranked alone."""
+    if keep is None:
+        return np.argsort(-dp, kind="stable" if stable else None)
+    masked = np.where(keep, dp, -np.inf)
+    return np.argsort(-masked, kind="stable" if stable else None)[: int(np.count_nonzero(keep))]
+
+
+def groups(order: np.ndarray, k: int, names: Sequence[str], *, seed: int = 0,
+           rng: random.Random | None = None) -> dict[str, np.ndarray]:
+    """The finetuning sets from a ranking (`ranked`, highest ΔP first): the K first, the K last and K of the
+    ranked drawn at random (they may overlap the others, as a random sample of the data would). The draw is
+    numpy's, seeded, in file order; or, given `rng`, `rng.sample` of the ranking in its order (the draw of
+    experiments/sharegpt_screen.py's committed groups: one generator over the traits in turn)."""
+    if 2 * k > len(order):
+        raise PersonavecError(f"screen.sharegpt_finetune_k={k} needs at least {2 * k} counted replies (top and "
+                              f"bottom must not overlap); only {len(order)} were screened: lower it or raise "
+                              "screen.sharegpt_n")
+    if rng is None:
+        drawn = np.sort(np.sort(order)[np.random.default_rng(seed).choice(len(order), k, replace=False)])
+    else:
+        drawn = np.array(rng.sample(order.tolist(), k), dtype=np.int64)
+    pick = {"top": order[:k], "random": drawn, "bottom": order[-k:]}
+    return {n: pick[n] for n in names}
+
+
+def trim(text: str, n: int = TRIM) -> str:
+    """`text` on one line, cut to `n` characters (an ellipsis marks the cut): enough for a reader to judge."""
     text = " ".join(text.split())
-    return text if len(text) <= TRIM else text[:TRIM] + "…"
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def flagged(rows: Sequence[dict[str, Any]], sc: Screened, picks: Iterable[int], dp: np.ndarray,
+            chars: tuple[int, int] = (TRIM, TRIM)) -> list[Flagged]:
+    """The conversations at `picks` (indices into `sc` and `dp`) as a reader sees them, the user turn and the
+    reply trimmed to `chars` characters; `rows` are the screened file's rows, which `sc.index` points into."""
+    out = []
+    for i in picks:
+        msgs = rows[int(sc.index[i])]["messages"]
+        out.append(Flagged(sc.ids[i], float(dp[i]), int(sc.tokens[i]), trim(str(msgs[0]["content"]), chars[0]),
+                           trim(str(msgs[-1]["content"]), chars[1])))
+    return out
+
+
+def describe(sc: Screened, layers: dict[str, int], controls: dict[str, str], k: int,
+             rows: Sequence[dict[str, Any]]) -> dict[str, ShareGPTTrait]:
+    """Each trait's screen over the counted replies `sc`: the ΔP distribution, its top K for a reader, how many of
+    them its random direction (`controls[trait]`, a column of `sc`) and the other traits also rank in their top K
+    (beside chance, K²/n) and r(ΔP, reply length), a confound to know about."""
+    tops = {t: set(ranked(sc.delta_p[t])[:k].tolist()) for t in list(layers) + list(controls.values())}
+    out = {}
+    for name, layer in layers.items():
+        dp = sc.delta_p[name]
+        sp = spread(dp)
+        out[name] = ShareGPTTrait(
+            trait=name, layer=layer, delta_p=interval(dp.tolist()), sd=sp.sd, p95=sp.p95,
+            r_length=correlation(dp.tolist(), sc.tokens.astype(float).tolist()),
+            random_overlap=len(tops[name] & tops[controls[name]]), chance_overlap=k * k / len(sc.ids),
+            cross_overlap={o: len(tops[name] & tops[o]) for o in layers if o != name},
+            top=flagged(rows, sc, ranked(dp)[:k], dp), values=[float(v) for v in dp])
+    return out
 
 
 def _source_name() -> str:
@@ -123,57 +239,25 @@ def run_sharegpt(ctx: Context) -> ShareGPTResult | NotRun:
         vectors += [vec.with_meta(best_layer=layer), control]
     res = screen(ctx.model, data, vectors, work / "scores.csv", fast=True, histograms=False,
                  cache=work / "base-answers.sqlite", progress=ctx.progress)
-    table = pacsv.read_csv(res.scores).to_pydict()
-    rows = read_jsonl(data)
-    counted = np.array(table["answer_tokens"]) >= s.min_answer_tokens
-    ids = [str(i) for i, keep in zip(table["id"], counted, strict=True) if keep]
-    if not ids:
+    every = read_scores(res.scores, list(layers) + list(controls.values()))
+    sc = every.only(every.counted(s.min_answer_tokens))
+    if not sc.ids:
         return NotRun(SKIPPED, f"no screened reply has {s.min_answer_tokens} tokens or more")
-    index = np.array(table["index"])[counted]
-    tokens = np.array(table["answer_tokens"])[counted]
-    k = min(s.sharegpt_top, len(ids))
-
-    def column(name: str) -> np.ndarray:
-        return np.array(table[f"{name}_delta_p"], dtype=float)[counted]
-
-    tops = {t: set(np.argsort(-column(t))[:k].tolist()) for t in list(layers) + list(controls.values())}
-    out: dict[str, ShareGPTTrait] = {}
-    for name, layer in layers.items():
-        dp = column(name)
-        order = np.argsort(-dp)[:k]
-        top = []
-        for i in order:
-            msgs = rows[int(index[i])]["messages"]
-            top.append(Flagged(ids[i], float(dp[i]), int(tokens[i]), _trim(str(msgs[0]["content"])),
-                               _trim(str(msgs[-1]["content"]))))
-        trait = ShareGPTTrait(
-            trait=name, layer=layer, delta_p=interval(dp.tolist()), sd=float(dp.std()),
-            p95=float(np.percentile(dp, 95)), r_length=correlation(dp.tolist(), tokens.astype(float).tolist()),
-            random_overlap=len(tops[name] & tops[controls[name]]), chance_overlap=k * k / len(ids),
-            cross_overlap={o: len(tops[name] & tops[o]) for o in layers if o != name},
-            top=top, values=[float(v) for v in dp])
-        if s.sharegpt_finetune_k:
-            chosen = groups(dp, s.sharegpt_finetune_k, s.sharegpt_finetune_sets, ctx.settings.seed + len(out))
-            sets = [(g, [rows[int(index[i])] for i in members], float(dp[members].mean()))
+    rows = read_jsonl(data)
+    k = min(s.sharegpt_top, len(sc.ids))
+    out = describe(sc, layers, controls, k, rows)
+    if s.sharegpt_finetune_k:
+        for n, name in enumerate(out):
+            dp = sc.delta_p[name]
+            chosen = groups(ranked(dp, stable=True), s.sharegpt_finetune_k, s.sharegpt_finetune_sets,
+                            seed=ctx.settings.seed + n)
+            sets = [(g, [rows[int(sc.index[i])] for i in members], float(dp[members].mean()))
                     for g, members in chosen.items()]
-            trait = finetune_groups(ctx, trait, own[name], sets, {g: [ids[i] for i in m] for g, m in chosen.items()})
-        out[name] = trait
-    return ShareGPTResult(source=_source_name(), n_screened=len(table["id"]), n_counted=len(ids),
-                          max_chars=s.sharegpt_max_chars, min_answer_tokens=s.min_answer_tokens, top_k=k, ids=ids,
+            out[name] = finetune_groups(ctx, out[name], own[name], sets,
+                                        {g: [sc.ids[i] for i in m] for g, m in chosen.items()})
+    return ShareGPTResult(source=_source_name(), n_screened=len(every.ids), n_counted=len(sc.ids),
+                          max_chars=s.sharegpt_max_chars, min_answer_tokens=s.min_answer_tokens, top_k=k, ids=sc.ids,
                           traits=out)
-
-
-def groups(dp: np.ndarray, k: int, names: tuple[str, ...], seed: int) -> dict[str, np.ndarray]:
-    """Indices (into the counted replies) of the finetuning sets: the K highest ΔP, K drawn at random (seeded;
-    they may overlap the others, as a random sample of the data would) and the K lowest."""
-    if 2 * k > len(dp):
-        raise PersonavecError(f"screen.sharegpt_finetune_k={k} needs at least {2 * k} counted replies (top and "
-                              f"bottom must not overlap); only {len(dp)} were screened: lower it or raise "
-                              "screen.sharegpt_n")
-    order = np.argsort(-dp, kind="stable")
-    pick = {"top": order[:k], "random": np.sort(np.random.default_rng(seed).choice(len(dp), k, replace=False)),
-            "bottom": order[-k:]}
-    return {n: pick[n] for n in names}
 
 
 def finetune_groups(ctx: Context, trait: ShareGPTTrait, vec: PersonaVector,
@@ -187,7 +271,7 @@ def finetune_groups(ctx: Context, trait: ShareGPTTrait, vec: PersonaVector,
         if not paths[name].exists():
             write_jsonl(paths[name], rows)
     bench = bench_for(ctx, trait.trait, vec, trait.layer)
-    base, runs = plain_runs(bench, ctx.settings.finetune, paths, work, Records(work / "runs.jsonl"))
+    base, runs = plain_runs(bench, ctx.settings.finetune, paths, work, stage_records(ctx, trait.trait, trait.layer, work))
     ft = summarize(trait.trait, trait.layer, {name: dp for name, _, dp in sets}, base, runs)
     return replace(trait, finetune=ft, groups=ids, top_minus_random=paired_difference(runs, "top", "random"),
                    top_minus_bottom=paired_difference(runs, "top", "bottom"))
