@@ -33,7 +33,7 @@ import copy
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from personavec.models import Model
 from personavec.reference import reference_measure
 from personavec.reproduce import vaccine as vaccine_rule
 from personavec.reproduce.finetuning import Bench as LibraryBench
+from personavec.reproduce.records import Interval
 from personavec.reproduce.vaccine import Scored, interventions_for
 from personavec.screen import screen
 from personavec.screening.stats import mean_ci
@@ -297,8 +298,8 @@ def main() -> None:
     summarize(args.out, read_jsonl(runs_path), args.out / "dp_random.json")
 
 
-def fmt(ci: tuple[float, float, float] | list[float], digits: int = 4) -> str:
-    m, lo, hi = ci
+def fmt(ci: Sequence[float | None], digits: int = 4) -> str:
+    m, lo, hi = (float("nan") if v is None else v for v in ci)
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
@@ -463,42 +464,42 @@ def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str
         chosen = "caft" if kind == "caft" else choose(mine, kind, s0) if kind in GRIDS else None
         if chosen is None:
             continue
-        rem, ppl, quiz, ctrl, ctrl_ppl, beyond = [], [], [], [], [], []
-        for seed in seeds:
-            g, normal, plain = by.get(("II", chosen, seed)), by.get(("normal", "plain", seed)), by.get(("II", "plain", seed))
-            if g is None or normal is None or plain is None:
-                continue
-            rem.append(removal(g, normal, plain, HALF_B))
-            ppl.append(g["perplexity"] / plain["perplexity"])
-            if g.get("quiz") is not None and plain.get("quiz") is not None:
-                quiz.append(g["quiz"] - plain["quiz"])
-            c = by.get(("II", vaccine_rule.control_of(chosen), seed))
-            if c is not None:
-                ctrl.append(removal(c, normal, plain, HALF_B))
-                ctrl_ppl.append(c["perplexity"] / plain["perplexity"])
-                beyond.append(rem[-1] - ctrl[-1])
-        if not rem:
+        runs = {key: scored(r) for key, r in by.items()}
+        normals = {k: v for (name, cond, k), v in runs.items() if name == "normal" and cond == "plain" and k is not None}
+        plains = {k: v for (name, cond, k), v in runs.items() if name == "II" and cond == "plain" and k is not None}
+        ok = [k for k in seeds if k in normals and k in plains]
+        at = [runs[("II", chosen, k)] for k in ok if ("II", chosen, k) in runs]
+        if not at:
             continue
-        entry: dict[str, Any] = {"chosen": chosen, "seeds": len(rem), "removal_half_b": t_interval(rem) if rem else None,
-                 "perplexity_ratio": t_interval(ppl) if ppl else None,
-                 "quiz_change": float(np.mean(quiz)) if quiz else None, "grid": grid,
+        ctrl = [runs[("II", vaccine_rule.control_of(chosen), k)] for k in ok
+                if ("II", vaccine_rule.control_of(chosen), k) in runs]
+        m = vaccine_rule.summarize(kind, [runs[("II", c, s0)] for c in conds if ("II", c, s0) in runs], at, normals,
+                                   plains, list(HALF_A), list(HALF_B), ctrl)  # the library's rule, as reproduce
+        rem, n = m.removal_per_seed, len(m.seeds)
+        ratio = [v + 1 if v is not None else None for v in (m.ppl_cost.mean, m.ppl_cost.low, m.ppl_cost.high)]
+        entry: dict[str, Any] = {"chosen": chosen, "seeds": n, "removal_half_b": interval_of(m.removal),
+                 "perplexity_ratio": ratio, "quiz_change": m.quiz_change.mean, "grid": grid,
                  "removal_half_b_per_seed": rem}
-        if ctrl:
-            entry.update(control_removal_half_b=ctrl, control_perplexity_ratio=ctrl_ppl,
-                         vector_minus_control=t_interval(beyond) if len(beyond) > 1 else [beyond[0], None, None])
-        res["mitigations"][kind] = entry
         control_cells = "– | –"
-        if len(ctrl) > 1:
-            control_cells = (f"{fmt(t_interval(ctrl), 2)} ({np.mean(ctrl_ppl):.3f}) | {fmt(t_interval(beyond), 2)}"
-                             f" ({len(beyond)} seeds)")
-        elif ctrl:
-            control_cells = f"{ctrl[0]:+.2f} (one seed; {ctrl_ppl[0]:.3f}) | {beyond[0]:+.2f} (one seed)"
-        lines.append(f"| {kind} | {'; '.join(grid)} | {chosen} | {len(rem)} | "
-                     f"{fmt(entry['removal_half_b'], 2) if len(rem) > 1 else f'{rem[0]:+.2f} (one seed)'} | "
-                     f"{fmt(entry['perplexity_ratio'], 3) if len(ppl) > 1 else f'{ppl[0]:.3f} (one seed)'} | "
+        if m.control is not None and m.control_ppl_cost is not None and m.beyond_control is not None:
+            entry.update(control_removal_half_b=m.control_per_seed,
+                         control_perplexity_ratio=[c.perplexity / plains[c.seed].perplexity for c in ctrl
+                                                   if c.seed is not None],
+                         vector_minus_control=interval_of(m.beyond_control))
+            one = " (one seed)" if m.control.n == 1 else ""
+            control_cells = (f"{fmt(interval_of(m.control), 2)}{one} ({1 + (m.control_ppl_cost.mean or 0):.3f}) | "
+                             f"{fmt(interval_of(m.beyond_control), 2)} ({m.beyond_control.n} seeds)")
+        res["mitigations"][kind] = entry
+        lines.append(f"| {kind} | {'; '.join(grid)} | {chosen} | {n} | "
+                     f"{fmt(entry['removal_half_b'], 2) if n > 1 else f'{rem[0]:+.2f} (one seed)'} | "
+                     f"{fmt(ratio, 3) if n > 1 else f'{ratio[0]:.3f} (one seed)'} | "
                      f"{'–' if entry['quiz_change'] is None else format(entry['quiz_change'], '+.3f')} | "
                      f"{control_cells} |")
 
+
+def interval_of(i: Interval) -> list[float | None]:
+    """A library interval as this script's [mean, low, high] (None where undefined: one seed)."""
+    return [i.mean, i.low, i.high]
 
 if __name__ == "__main__":
     main()

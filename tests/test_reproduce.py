@@ -86,6 +86,9 @@ def test_vaccine_choice_and_removal() -> None:
                           [2, 3], ctrl)
     assert c.control is not None and c.control.mean == pytest.approx((0.1 + 0.0) / 2) and c.control.n == 2
     assert c.control_ppl_cost is not None and c.control_ppl_cost.mean == pytest.approx(0.005)
+    assert c.beyond_control is not None and c.beyond_control.n == 1  # paired by seed: only seed 0 has both
+    assert c.beyond_control.mean == pytest.approx(0.5 - 0.1) and c.control_per_seed == pytest.approx([0.1, 0.0])
+    assert m.removal_per_seed == pytest.approx([0.5, 0.5]) and m.beyond_control is None
     assert m.control is None and vaccine.control_of("prevent:1") == "random-prevent:1"
     assert vaccine.inference_coef("random-infer:2") == -2.0 and vaccine.inference_coef("random-prevent:1") == 0.0
 
@@ -219,6 +222,8 @@ def test_smoke_runs_resumes_and_reports(model: pv.Model, cli: Cli, tmp_path: Pat
         c = runs[(f"random-{cond}", 0)]
         got = dict(zip(c["questions"], c["reference_per_question"], strict=True))
         assert vac[method]["control"]["mean"] == pytest.approx(1 - (half(got) - half(normal)) / (half(plain) - half(normal)))
+        assert vac[method]["beyond_control"]["mean"] == pytest.approx(vac[method]["removal"]["mean"]
+                                                                      - vac[method]["control"]["mean"])
         assert c["reference"] != r["reference"]
     # inference-time steering measures the plain II adapter, steered (the shift, a property of the weights, is
     # read unsteered); preventative steering trained another adapter

@@ -255,7 +255,8 @@ def vaccine_part(name: str, t: FinetuneTrait) -> str:
     rows = [[escape(VACCINE_LABELS.get(k, k)), escape(m.chosen),
              escape(", ".join(f"{c} {v:+.2f}" for c, v in m.selection.items())), _ci(m.removal, 2),
              _ci(m.ppl_cost, 3), _ci(m.quiz_change, 3),
-             _ci(m.control, 2) if m.control else "not run", str(len(m.seeds))] for k, m in t.vaccine.items()]
+             _ci(m.control, 2) if m.control else "not run", _ci(m.beyond_control, 2) if m.beyond_control else "–",
+             str(len(m.seeds))] for k, m in t.vaccine.items()]
     ms = list(t.vaccine.values())
     chart = _img(rise_bars([VACCINE_LABELS.get(m.method, m.method) for m in ms], [m.removal.mean or 0.0 for m in ms],
                            [m.removal.low for m in ms], [m.removal.high for m in ms],
@@ -268,7 +269,8 @@ def vaccine_part(name: str, t: FinetuneTrait) -> str:
             + _table(["method", "chosen on questions " + escape(str(select)), "removal share per setting (selection)",
                       "removal share, questions " + escape(str(report)) + " [95% CI over seeds]",
                       "perplexity cost vs plain II [95% CI]", "quiz change vs plain II [95% CI]",
-                      "control: removal with a random direction of the same norm, same setting [95% CI]", "seeds"],
+                      "control: removal with a random direction of the same norm, same setting [95% CI]",
+                      "removal − control's, paired by seed [95% CI]", "seeds"],
                      rows)
             + chart
             + _reading(f"Each method's setting was chosen on questions {select} and is reported on {report}, which "

@@ -110,6 +110,7 @@ def vaccine_targets(res: FinetuneResult, f: FinetuneStage) -> list[Target]:
         met = None if m.removal.mean is None or m.ppl_cost.mean is None else \
             m.removal.mean >= f.removal_target and m.ppl_cost.mean <= f.ppl_cost_max
         control = f"; random direction, same setting: {m.control.text(2)}" if m.control else ""
+        control += f", vector − random {m.beyond_control.text(2)} (paired by seed)" if m.beyond_control else ""
         out.append(Target("finetune", f"{name}: {claim}", f"{m.chosen}: removal {m.removal.text(2)}, perplexity "
                           f"cost {m.ppl_cost.text(3)} (held-out half, n = {m.removal.n} seeds){control}", met, ISSUE13))
     if not out:

@@ -19,7 +19,7 @@ direction as hard."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..controls import random_like
 from ..errors import PersonavecError
@@ -56,6 +56,9 @@ class VaccineMethod:
     seeds: list[int]
     control: Interval | None = None  # removal share of `random-<chosen>` on the report half, over seeds
     control_ppl_cost: Interval | None = None
+    beyond_control: Interval | None = None  # removal − the control's, paired by seed: what the direction adds
+    removal_per_seed: list[float] = field(default_factory=list)  # the values behind `removal`, in `seeds` order
+    control_per_seed: list[float] = field(default_factory=list)  # the values behind `control`, in run order
 
 
 def conditions(method: str, grid: Sequence[float]) -> list[str]:
@@ -128,19 +131,25 @@ def summarize(method: str, grid: Sequence[Scored], chosen: Sequence[Scored], nor
               controls: Sequence[Scored] = ()) -> VaccineMethod:
     """The method's record: the selection-half removal over the grid (first seed) and, at the chosen condition,
     removal, perplexity cost and quiz change on the report half over seeds; with `controls` (the chosen
-    condition's random-direction runs), their removal and perplexity cost beside it."""
+    condition's random-direction runs), their removal and perplexity cost beside it and the removal beyond
+    theirs, paired by seed."""
     seed0 = chosen[0].seed
     assert seed0 is not None
     sel = {g.condition: removal(g, normals[seed0], plains[seed0], select) for g in grid}
 
-    def over_seeds(runs: Sequence[Scored]) -> tuple[Interval, Interval, Interval]:
-        pairs = [(s, s.seed) for s in runs if s.seed is not None]
-        return (t_interval([removal(s, normals[k], plains[k], report) for s, k in pairs]),
-                t_interval([s.perplexity / plains[k].perplexity - 1 for s, k in pairs]),
-                t_interval([s.quiz - plains[k].quiz for s, k in pairs]))
+    def removals(runs: Sequence[Scored]) -> dict[int, float]:
+        return {s.seed: removal(s, normals[s.seed], plains[s.seed], report) for s in runs if s.seed is not None}
 
-    rem, ppl, quiz = over_seeds(chosen)
-    ctrl = over_seeds(controls) if controls else None
-    return VaccineMethod(method=method, chosen=chosen[0].condition, selection=sel, removal=rem, ppl_cost=ppl,
-                         quiz_change=quiz, seeds=[int(s.seed) for s in chosen if s.seed is not None],
-                         control=ctrl[0] if ctrl else None, control_ppl_cost=ctrl[1] if ctrl else None)
+    def change(runs: Sequence[Scored], ratio: bool) -> Interval:  # perplexity ratio − 1, or quiz difference
+        return t_interval([s.perplexity / plains[s.seed].perplexity - 1 if ratio else s.quiz - plains[s.seed].quiz
+                           for s in runs if s.seed is not None])
+
+    rem, ctrl = removals(chosen), removals(controls)
+    paired = [rem[k] - ctrl[k] for k in rem if k in ctrl]
+    return VaccineMethod(
+        method=method, chosen=chosen[0].condition, selection=sel, removal=t_interval(list(rem.values())),
+        ppl_cost=change(chosen, True), quiz_change=change(chosen, False), seeds=list(rem),
+        control=t_interval(list(ctrl.values())) if ctrl else None,
+        control_ppl_cost=change(controls, True) if controls else None,
+        beyond_control=t_interval(paired) if paired else None, removal_per_seed=list(rem.values()),
+        control_per_seed=list(ctrl.values()))
