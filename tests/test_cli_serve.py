@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import personavec as pv
 import personavec.serve
+import personavec.serve.preflight
 from personavec import cli
 from personavec.cli import app
 from personavec.cli import serve as cli_serve
@@ -55,6 +56,9 @@ def no_server(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     monkeypatch.setattr(cli_serve, "load", load)
     monkeypatch.setattr(personavec.serve, "create_app", create_app)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append({"run": (a, k)}))
+    # nothing listens here, so whether the port is free on this machine is not these tests' business
+    # (test_serve_hostile tests the listen check itself)
+    monkeypatch.setattr(personavec.serve.preflight, "check_listen", lambda host, port: None)
     return calls
 
 

@@ -207,7 +207,7 @@ def test_bad_files_and_vectors(model: pv.Model, vec: pv.PersonaVector, work: Pat
     with pytest.raises(DatasetError, match="no valid samples"):
         screen(model, junk, [vec], work / "junk.csv", fast=True)
     assert len((work / "junk.rejects.jsonl").read_text().splitlines()) == 2
-    with pytest.raises(DatasetError, match="never overwrites its input"):
+    with pytest.raises(pv.PersonavecError, match="is the input DATA; personavec never overwrites an input"):
         screen(model, work / "data.jsonl", [vec], work / "data.jsonl")
     with pytest.raises(DatasetError, match="needs flags"):
         screen(model, work / "data.jsonl", [vec], work / "x.csv", filtered_out=work / "y.jsonl")

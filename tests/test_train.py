@@ -148,24 +148,37 @@ def test_caft_and_projection_penalty(model32: pv.Model, tmp_path: Path,
 
 
 class PoisonAfterFirstCheckpoint(TrainerCallback):
-    """Makes the next loss NaN right after checkpoint 1 is saved, as a runaway update would."""
+    """Makes the next loss NaN right after checkpoint 1 is saved (or before the first step, with
+    `at_start`), as a runaway update would."""
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
+    def __init__(self, model: Any, at_start: bool = False) -> None:
+        self.model, self.at_start = model, at_start
+
+    def _poison(self) -> None:
+        with torch.no_grad():
+            next(p for n, p in self.model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.at_start:
+            self._poison()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == 1:
-            with torch.no_grad():
-                next(p for n, p in self.model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+        if state.global_step == 1 and not self.at_start:
+            self._poison()
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(model32: pv.Model, tmp_path: Path,
                                                  evil_run: tuple[pv.PersonaVector, Path]) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", rows(4))
     m = copy.deepcopy(model32)
-    with pytest.raises(PersonavecError, match="loss became nan at step 1; no checkpoint"):
+    # a coefficient whose product with the vector overflows float32 is refused before any step
+    with pytest.raises(PersonavecError, match=r"coefficient 1e\+38 at layer .* overflows float32"):
         train(m, data, tmp_path / "huge", TINY, Interventions(preventative=evil_run[0], coef=1e38))
-    assert hook_ids(m) == hook_ids(model32) and not (tmp_path / "huge" / "adapter_model.safetensors").exists()
+    assert hook_ids(m) == hook_ids(model32) and not (tmp_path / "huge" / "checkpoint-1").exists()
+    m = copy.deepcopy(model32)
+    with pytest.raises(PersonavecError, match="loss became nan at step 1; no checkpoint"):
+        train(m, data, tmp_path / "nan", TINY, callbacks=[PoisonAfterFirstCheckpoint(m.hf, at_start=True)])
+    assert hook_ids(m) == hook_ids(model32) and not (tmp_path / "nan" / "adapter_model.safetensors").exists()
     m = copy.deepcopy(model32)
     with pytest.raises(PersonavecError, match=r"step 2; the last good checkpoint is .*checkpoint-1"):
         train(m, data, tmp_path / "poisoned", TINY, callbacks=[PoisonAfterFirstCheckpoint(m.hf)])

@@ -88,10 +88,11 @@ def generate_grid(model: Model, prompts: Sequence[str], vector: PersonaVector | 
         vector.check_model(model, allow_mismatch)
     conversations = [messages_for(p, system) for p in prompts]
     answers: list[list[str]] = []
+    specs = [Steering.from_vector(vector, model, layer=chosen, coef=c, positions=positions,
+                                  allow_mismatch=allow_mismatch) if vector is not None else None
+             for c in checked]  # every coefficient checked in the model's dtype before any answer
     with engine_scope(model, engine) as eng:
-        for c in checked:
-            spec = Steering.from_vector(vector, model, layer=chosen, coef=c, positions=positions,
-                                        allow_mismatch=allow_mismatch) if vector is not None else None
+        for c, spec in zip(checked, specs, strict=True):
             answers.append(generate(model, conversations, max_new_tokens=max_new_tokens, temperature=temperature,
                                     seed=seed, progress=progress, task=f"coef {c:+g}", engine=eng, steering=spec))
     rows = [GridAnswer(p, [answers[j][i] for j in range(len(checked))]) for i, p in enumerate(prompts)]

@@ -9,13 +9,16 @@ import importlib.util
 import inspect
 import logging
 import os
+import pickle
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import ModelLoadError
@@ -251,6 +254,30 @@ def _quiet_transformers() -> Any:
         hf_logging.enable_progress_bar()
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+# What reading a model's files raises on garbage (bad JSON or UTF-8, a truncated or foreign weights file, a GGUF
+# transformers cannot convert): the user's bytes, not a bug, so one line instead of a traceback.
+_UNREADABLE: tuple[type[BaseException], ...] = (OSError, ValueError, EOFError, struct.error, pickle.UnpicklingError,
+                                                 SafetensorError)
+
+
+def _check_gguf(gguf: Path) -> None:
+    """Parse the GGUF's header and tensor table before transformers converts it, so a corrupt or truncated file
+    is one line naming it."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(gguf))
+    except Exception as exc:  # the reader parses untrusted bytes: ValueError, struct errors, IndexError, ...
+        raise ModelLoadError(f"'{gguf}' is not a readable GGUF file ({_first_line(exc)}); it is corrupt or "
+                             "truncated: download it again, or pass another --model") from None
+
+
 def _dequantized_folder(gguf: Path) -> Path:
     """De-quantize a GGUF once into a safetensors folder in the user cache; later loads read that."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -262,9 +289,14 @@ def _dequantized_folder(gguf: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        with _quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _check_gguf(gguf)
+        try:
+            with _quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except _UNREADABLE as exc:
+            raise ModelLoadError(f"cannot load '{gguf}' as a chat model ({_first_line(exc)}); pass a GGUF of a "
+                                 "model transformers supports, a model folder or a hub id") from None
         hf.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(hf.config, "quantization_config"):
             del hf.config.quantization_config
@@ -351,9 +383,8 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, device: str | None
         with _quiet_transformers():
             tok = AutoTokenizer.from_pretrained(str(folder), **options)
             hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, **options, **placement)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model '{source}': {first[:200]} "
+    except _UNREADABLE as exc:
+        raise ModelLoadError(f"cannot load model '{source}': {_first_line(exc)} "
                              "(pass a model folder, a .gguf file or a reachable hub id)") from None
     if not getattr(tok, "chat_template", None):
         raise ModelLoadError(f"model '{source}' has no chat template; personavec needs a chat (instruct) model")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import RunError
-from .io import append_jsonl, read_jsonl, write_json
+from .io import JsonlRows, append_jsonl, load_jsonl, write_json
+
+log = logging.getLogger("personavec")
 
 T = TypeVar("T")
 
@@ -71,12 +74,18 @@ def open_run(run_dir: str | Path, kind: str, settings: dict[str, Any], option: s
 class Records:
     """JSONL records keyed by one field (default 'key'), read back from `path` when it exists; in memory
     only when `path` is None. `add` appends to the file before remembering, so an interrupted run keeps
-    every finished chunk and no more."""
+    every finished chunk and no more; `torn` counts the lines an interrupted append cut (warned about once,
+    their keys are pending again)."""
 
     def __init__(self, path: Path | None, key: str = "key") -> None:
         self.path = path
         self.key = key
-        self.rows: dict[str, dict[str, Any]] = {r[key]: r for r in read_jsonl(path)} if path else {}
+        loaded = load_jsonl(path) if path else JsonlRows([])
+        self.rows: dict[str, dict[str, Any]] = {r[key]: r for r in loaded.rows}
+        self.torn = loaded.torn  # lines cut by an interrupted append: their rows are absent, so recomputed
+        if self.torn:
+            log.warning("%s: %d torn record line(s) left by an interrupted run ignored; their rows are recomputed",
+                        path, self.torn)
 
     def __contains__(self, key: object) -> bool:
         return key in self.rows

@@ -31,6 +31,7 @@ import numpy as np
 from .engines import engine_record, engine_scope
 from .errors import VectorError
 from .io import write_json, write_text
+from .paths import Output, check_outputs, existing_paths
 from .progress import Progress, no_progress
 from .screening.dataset import Scored, score_dataset
 from .screening.outputs import histogram, write_table
@@ -227,10 +228,11 @@ def _check_inputs(model: Model, data: str | os.PathLike[str],
         raise VectorError("no vectors to screen with; pass at least one --vector")
     for v in named.values():
         v.check_model(model, s.allow_mismatch)
-    data_p = Path(data)
-    for p, what in ((Path(out), "--out"), (Path(s.filtered_out) if s.filtered_out else None, "--filtered-out")):
-        if p is not None and data_p.exists() and p.exists() and p.resolve() == data_p.resolve():
-            raise DatasetError(f"{what} is the input file; screening never overwrites its input, name a new file")
+    paths = OutPaths.of(out, s.run_dir)
+    check_outputs({"DATA": existing_paths([data]), "--calibrate": existing_paths([s.calibrate])},
+                  [Output("--out", paths.scores), Output("its rejects file", paths.rejects),
+                   Output("its summary file", paths.summary), Output("--run-dir", paths.run_dir, folder=True)]
+                  + ([Output("--filtered-out", Path(s.filtered_out))] if s.filtered_out else []))
     s.validate(data)
     return named
 

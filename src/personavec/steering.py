@@ -27,6 +27,9 @@ Per-row steering (a server's batch, in which every request brings its own terms)
 the positions row by row (None: the row is not touched), and `steer_rows` adds each row's own terms. A row
 gets exactly what `steer` would give it alone (the same products coef × vector in the model's dtype, added
 one term at a time in the same order); a row without a term at a layer gets exactly zero added there.
+
+Every product coef × vector is computed once, at setup, in the dtype it runs in, and a coefficient that would
+overflow there is refused (`scaled_terms`, the one check, which every caller goes through).
 """
 
 from __future__ import annotations
@@ -233,6 +236,52 @@ def _as_vector(model: Model, layer: int, vector: torch.Tensor) -> torch.Tensor:
     return vector.to(module_device(model.layers[layer - 1]) or model.device, model.dtype)
 
 
+Term = tuple[int, float, torch.Tensor]  # (layer, coef, vector in the dtype and on the device it will run in)
+
+
+def scaled_terms(terms: Sequence[Term]) -> list[torch.Tensor]:
+    """coef × vector for each term, computed once in the vector's own dtype (the dtype it will run in) and
+    refused with a SteeringError where it does not fit there. A float64-finite coefficient can still overflow
+    a float32 or bfloat16 product, or make its squared norm overflow: the next norm layer squares the hidden
+    state (in float32 at least), every later layer then reads inf or NaN and the model answers nothing. One
+    host sync for all terms (setup only; the hooks never check)."""
+    products = [check_coef(coef) * vector for _, coef, vector in terms]
+    if not products:
+        return products
+    first = products[0].device
+    fits = torch.stack([_fits(p).to(first) for p in products])
+    if not bool(fits.all()):
+        layer, coef, vector = terms[int((~fits).nonzero()[0])]
+        raise _overflow_error(layer, coef, vector)
+    return products
+
+
+def _fits(product: torch.Tensor) -> torch.Tensor:
+    """Whether the sum of squares a norm layer takes of `product` is finite (so is every element then)."""
+    wide = torch.promote_types(product.dtype, torch.float32)
+    return torch.isfinite(product.to(wide).pow(2).sum())
+
+
+def _overflow_error(layer: int, coef: float, vector: torch.Tensor) -> SteeringError:
+    """The one-line refusal, with the largest coefficient magnitude that fits this vector."""
+    name = str(vector.dtype).removeprefix("torch.")
+    v = vector.detach().double()
+    if not bool(torch.isfinite(v).all()):
+        return SteeringError(f"the vector at layer {layer} holds NaN or infinite values in {name}; steer with a "
+                             "finite vector")
+    wide = torch.promote_types(vector.dtype, torch.float32)
+    limit = min(torch.finfo(wide).max ** 0.5 / float(v.norm()), torch.finfo(vector.dtype).max / float(v.abs().max()))
+    return SteeringError(f"coefficient {coef:g} at layer {layer} overflows {name} (coef × vector would leave the "
+                         f"model answering nothing); use a smaller coefficient, below about {limit:.2g} in magnitude")
+
+
+def steering_terms(model: Model, vectors: Mapping[int, torch.Tensor], coef: float) -> dict[int, torch.Tensor]:
+    """{L: coef × vectors[L]}: what `steer` adds, in the model's dtype on block L-1's device, refused where it
+    would overflow (see `scaled_terms`). Callers that steer later call it to fail before doing any work."""
+    placed = [(layer, coef, _as_vector(model, layer, v)) for layer, v in vectors.items()]
+    return dict(zip(vectors, scaled_terms(placed), strict=True))
+
+
 def _placed(t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """`t` on the device and in the dtype of the hidden state it meets. Vectors are placed on their block's
     device up front, so this copies only where a block's device could not be known in advance (once each)."""
@@ -257,8 +306,8 @@ def steer(model: Model, vectors: Mapping[int, torch.Tensor], coef: float = 1.0,
             check_layer(layer, model.n_layers)
         return Handle()
 
-    return intervene(model, {layer: _placed(c * _as_vector(model, layer, v)) for layer, v in vectors.items()},
-                     positions)
+    terms = steering_terms(model, vectors, c)
+    return intervene(model, {layer: _placed(term) for layer, term in terms.items()}, positions)
 
 
 def ablate(model: Model, directions: Mapping[int, torch.Tensor], positions: Positions = "all") -> Handle:
@@ -299,16 +348,19 @@ class RowSteering:
     def __init__(self, model: Model, rows: Sequence[Sequence[RowTerm]]) -> None:
         self.model = model
         self.n_rows = len(rows)
-        per_row: list[dict[int, list[tuple[torch.Tensor, str]]]] = []
-        for terms in rows:
-            by_layer: dict[int, list[tuple[torch.Tensor, str]]] = {}
+        steered: list[tuple[int, int, str]] = []  # (row, layer, positions) of each nonzero term
+        placed: list[Term] = []
+        for i, terms in enumerate(rows):
             for layer, vector, coef, positions in terms:
                 c = check_coef(coef)
                 _check_positions(positions)
-                product = c * _as_vector(model, layer, vector)
+                v = _as_vector(model, layer, vector)
                 if c != 0.0:
-                    by_layer.setdefault(layer, []).append((product, positions))
-            per_row.append(by_layer)
+                    steered.append((i, layer, positions))
+                    placed.append((layer, c, v))
+        per_row: list[dict[int, list[tuple[torch.Tensor, str]]]] = [{} for _ in rows]
+        for (i, layer, positions), product in zip(steered, scaled_terms(placed), strict=True):
+            per_row[i].setdefault(layer, []).append((product, positions))
         self.plan: list[tuple[int, torch.Tensor, RowPositions]] = []
         for layer in sorted({ly for r in per_row for ly in r}):
             for slot in range(max(len(r.get(layer, ())) for r in per_row)):

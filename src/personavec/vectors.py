@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -128,10 +129,13 @@ class PersonaVector:
         if Path(path).is_dir():  # a pretrained folder: rewrite it whole (vector, config, card)
             return self.save_pretrained(path) / "vector.pv.safetensors"
         final = Path(path)
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.tensors.items()}
+        for name, t in tensors.items():  # never write a file that `load` would refuse
+            check_finite(t, f"the vector for '{final}' (tensor '{name}')",
+                         fix="nothing was written (did a scale or a sum overflow float32? use smaller factors)")
         with atomic_path(final) as tmp:
             meta = {**self.meta, "format_version": FORMAT_VERSION}
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in self.tensors.items()}, str(tmp),
-                      metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)})
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True, default=str)})
         return final
 
     @classmethod
@@ -151,13 +155,20 @@ class PersonaVector:
             raise VectorError(f"'{p}' is not a readable safetensors vector file ({type(exc).__name__})") from None
         if meta_raw is None or not tensors:
             raise VectorError(f"'{p}' has no personavec metadata; it was not written by personavec")
-        meta = json.loads(meta_raw)
+        try:
+            meta = json.loads(meta_raw)
+        except ValueError:
+            meta = None
         if not isinstance(meta, dict):
-            raise VectorError(f"'{p}' has malformed personavec metadata; it was not written by personavec")
+            raise VectorError(f"'{p}' has malformed personavec metadata (not a JSON object); it was not written by "
+                              "personavec or was edited: re-extract or re-export it")
         check_format_version(meta.pop("format_version", 1), p)  # before the layout checks a newer format may fail
         shapes = {tuple(t.shape) for t in tensors.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise VectorError(f"'{p}' holds tensors of shapes {sorted(shapes)}; expected one [n_layers + 1, hidden]")
+        for name, t in tensors.items():
+            check_finite(t, f"'{p}' (tensor '{name}')")
+        _check_choice(meta, next(iter(shapes))[0] - 1, p)
         return cls(tensors=tensors, meta=meta)
 
     # ---- Hugging Face style folders (personavec.interop.pretrained) --------------------------------------
@@ -214,6 +225,32 @@ def check_format_version(version: Any, path: Path) -> None:
     if version > FORMAT_VERSION:
         raise VectorError(f"'{path}' is a vector file of format {version}, newer than personavec {__version__} "
                           f"reads (format {FORMAT_VERSION}); upgrade personavec to load it")
+
+
+def _check_choice(meta: dict[str, Any], n_layers: int, path: Path) -> None:
+    """Refuse a sweep's choice that steering would trip over later: best_layer must be a layer of the vector
+    and best_coef a finite number (either may be absent or null)."""
+    layer, coef = meta.get("best_layer"), meta.get("best_coef")
+    if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or not 1 <= layer <= n_layers):
+        raise VectorError(f"'{path}' has best_layer {layer!r} in its metadata, not a layer 1..{n_layers}; it was "
+                          "edited: re-run 'personavec sweep' or remove the key")
+    if coef is not None and (not isinstance(coef, int | float) or isinstance(coef, bool) or not math.isfinite(coef)):
+        raise VectorError(f"'{path}' has best_coef {coef!r} in its metadata, not a finite number; it was edited: "
+                          "re-run 'personavec sweep' or remove the key")
+
+
+def check_finite(rows: torch.Tensor, what: str, first_layer: int = 0,
+                 fix: str = "the file is corrupt: re-extract or re-export the vector") -> None:
+    """Refuse a vector holding NaN or Inf: steering with it would turn every activation after its layer into
+    NaN. `rows` is [layers, hidden] (row k is layer `first_layer` + k); the one line names `what` (the file and
+    its tensor or direction), the layer and the element, then `fix`. Every vector reader and `save` call this."""
+    bad = ~torch.isfinite(rows)
+    if not bool(bad.any()):
+        return
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    row, col = (index[0], index[-1]) if len(index) > 1 else (0, index[0])
+    raise VectorError(f"{what} holds NaN or infinite values, first at layer {first_layer + row} (element {col}: "
+                      f"{float(rows[index])}); {fix}")
 
 
 def name_by_trait(vectors: Sequence[PersonaVector] | Mapping[str, PersonaVector]) -> dict[str, PersonaVector]:

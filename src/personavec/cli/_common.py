@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import sys
 from collections.abc import Iterator
@@ -217,14 +218,79 @@ def parse_layer(text: str) -> int | list[int] | str:
     return parts[0] if len(parts) == 1 else parts
 
 
+#: What to do about an operating-system error on a path the user named, by errno name.
+_OS_ADVICE = {
+    "EACCES": "check its permissions or choose another path",
+    "EPERM": "check its permissions or choose another path",
+    "EROFS": "the file system is read-only; choose another path",
+    "EISDIR": "it is a folder; name a file",
+    "ENOTDIR": "a folder on its path is a file; choose another path",
+    "ENOENT": "check the path",
+    "ENOSPC": "the disk is full; free space or choose another path",
+    "EEXIST": "it exists; choose another path",
+    "ENAMETOOLONG": "choose a shorter path",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """An operating-system error on a user's path as one line: what failed, on which path, what to do."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "")
+    paths = " → ".join(f"'{f}'" for f in (exc.filename, exc.filename2) if f is not None)
+    advice = _OS_ADVICE.get(name, "check the path")
+    return f"{exc.strerror or type(exc).__name__}: {paths}; {advice}"
+
+
+class _WarningLines(logging.Handler):
+    """The library's warnings (logger 'personavec') as plain stderr lines, printed even under --quiet."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warn(f"warning: {record.getMessage()}")
+
+
 def main_with(app: typer.Typer) -> None:
-    """Run `app` as a console script: a user's error is one line and status 2, ^C status 130."""
+    """Run `app` as a console script: a user's error is one line and status 2, ^C status 130 with a line saying
+    how to resume. An operating-system error on a path (a read-only folder, a folder where a file should be, a
+    parent that is a file) is a user's error too; one without a path stays a traceback."""
+    library_log = logging.getLogger("personavec")
+    handler = _WarningLines(logging.WARNING)
+    library_log.addHandler(handler)
     try:
         app()
     except PersonavecError as exc:
-        # escaped: a message naming e.g. personavec[vllm] must print as written, not as rich markup
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _error_line(str(exc))
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        _error_line(os_error_line(exc))
+    except SystemExit as exc:
+        # typer turns ^C into exit status 130 without a word, terminal or not
+        if exc.code == 130:
+            err.print("interrupted; rerun the same command to resume where a run folder is used")
+        raise
     except KeyboardInterrupt:
         err.print("interrupted; rerun the same command to resume where a run folder is used")
         sys.exit(130)
+    finally:
+        library_log.removeHandler(handler)
+
+
+def _error_line(message: str) -> None:
+    # escaped: a message naming e.g. personavec[vllm] must print as written, not as rich markup
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def guard(inputs: dict[str, Any], files: dict[str, Path | None] | None = None,
+          folders: dict[str, Path | None] | None = None) -> None:
+    """The command's inputs (option → path, spec or list of them; names that are no existing path are left
+    out) against the files and folders it writes: see `paths.check_outputs`. Called before the model loads."""
+    from ..paths import Output, check_outputs, existing_paths
+
+    def listed(value: Any) -> list[Any]:
+        return list(value) if isinstance(value, list | tuple) else [value]
+
+    outputs = [Output(k, Path(v)) for k, v in (files or {}).items() if v is not None]
+    outputs += [Output(k, Path(v), folder=True) for k, v in (folders or {}).items() if v is not None]
+    check_outputs({k: existing_paths(listed(v)) for k, v in inputs.items()}, outputs)

@@ -25,6 +25,7 @@ from ._common import (
     TensorParallelOpt,
     check_engine_options,
     emit_json,
+    guard,
     load,
     out,
     parse_floats,
@@ -61,6 +62,7 @@ def eval_cmd(
     from ..traits import load_trait
     from ..vectors import PersonaVector
 
+    guard({"--trait": trait, "--vector": vector, "--control": control, "--model": model}, folders={"--out": out_dir})
     loaded = load_trait(trait)
     coefs = parse_floats(coef, "--coef") or [0.0]
     vec = PersonaVector.load(vector) if vector else None
@@ -145,6 +147,8 @@ def sweep_cmd(
     from ..traits import load_trait
     from ..vectors import PersonaVector
 
+    # the vector is the one input sweep writes (its chosen layer, atomically); the run folder must not hold it
+    guard({"--trait": trait, "--vector": vector, "--control": control, "--model": model}, folders={"--out": out_dir})
     loaded = load_trait(trait)
     vec = PersonaVector.load(vector)
     layer_list = [int(x) for x in parse_floats(layers, "--layers") or []] or None

@@ -18,6 +18,7 @@ from ._common import (
     TensorParallelOpt,
     check_engine_options,
     emit_json,
+    guard,
     load,
     out,
     progress_bars,
@@ -48,10 +49,11 @@ def extract(
     from ..extract import extract as run_extract
     from ..traits import load_trait
 
+    folder = run_dir or out_path.with_name(out_path.name + ".run")
+    guard({"--trait": trait, "--model": model}, files={"--out": out_path}, folders={"--run-dir": folder})
     loaded = load_trait(trait)  # fail on a bad trait or engine before spending time on the model
     check_engine_options(engine, tensor_parallel_size, gpu_memory_utilization)
     m = load(model, device, dtype, layers_path)
-    folder = run_dir or out_path.with_name(out_path.name + ".run")
     with progress_bars() as cb, open_engine(m, engine, tensor_parallel_size, gpu_memory_utilization) as eng:
         vec = run_extract(m, loaded, judge=judge, run_dir=folder, batch_size=batch_size, engine=eng, progress=cb,
                           n_questions=n_questions, n_pairs=n_pairs, rollouts=rollouts,

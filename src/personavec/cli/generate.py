@@ -49,13 +49,12 @@ def generate(
     """Answer prompts, optionally steered by a persona vector at one or more coefficients."""
     from ..engines import open_engine
     from ..generate_grid import generate_grid, plan_grid
+    from ..textfiles import read_lines
     from ..vectors import PersonaVector
 
     texts = list(prompts or [])
     if file is not None:
-        if not file.is_file():
-            raise PersonavecError(f"prompt file '{file}' does not exist")
-        texts += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts += read_lines(file, "prompt file")
     if not texts:
         raise PersonavecError("no prompts: pass them as arguments or with --file")
     vec = PersonaVector.load(vector) if vector else None

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import PersonavecError
-from ._common import JsonOpt, emit_json, load, out, warn
+from ._common import JsonOpt, emit_json, guard, load, out, warn
 from .traits import traits_app
 from .vectors import vector_app
 
@@ -35,6 +35,7 @@ def traits_import(
     """Convert the reference's trait_data_extract/T.json + trait_data_eval/T.json into one validated trait YAML."""
     from ..interop.reference_impl import import_reference_traits
 
+    guard({"SOURCE": source}, files={"--out": out_path})
     trait, path = import_reference_traits(source, out_path, name=name, description=description,
                                           assistant_prefix=assistant_prefix, pos_name=pos_name, neg_name=neg_name,
                                           overwrite=force)

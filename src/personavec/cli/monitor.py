@@ -21,6 +21,7 @@ from ._common import (
     TensorParallelOpt,
     check_engine_options,
     emit_json,
+    guard,
     load,
     out,
     parse_floats,
@@ -64,6 +65,7 @@ def monitor_eval_cmd(
     from ..traits import load_trait
     from ..vectors import PersonaVector
 
+    guard({"--trait": trait, "--vector": vector, "--model": model}, folders={"--out": out_dir})
     loaded = load_trait(trait)
     vec = PersonaVector.load(vector)
     if layer is not None:

@@ -20,6 +20,7 @@ from ._common import (
     TensorParallelOpt,
     check_engine_options,
     emit_json,
+    guard,
     load,
     out,
     progress_bars,
@@ -64,6 +65,7 @@ def reproduce_cmd(
         return
     if out_dir is None:
         raise PersonavecError("--out is required: the run folder that holds the manifest and report.html")
+    guard({"--data": settings.data, "--model": settings.model}, folders={"--out": out_dir})
     settings.validate()
     check_engine_options(settings.engine, tensor_parallel_size, gpu_memory_utilization)
     m = load(settings.model, device, dtype, layers_path)

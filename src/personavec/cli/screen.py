@@ -21,6 +21,7 @@ from ._common import (
     TensorParallelOpt,
     check_engine_options,
     emit_json,
+    guard,
     load,
     out,
     progress_bars,
@@ -81,10 +82,15 @@ def screen_cmd(
 ) -> None:
     """Screen training data: projection difference ΔP per sample and per dataset, flags and a filtered copy."""
     from ..engines import open_engine
-    from ..screen import screen
+    from ..screen import OutPaths, screen
     from ..screening.source import precheck
     from ..vectors import PersonaVector
 
+    paths = OutPaths.of(out_path, run_dir)
+    guard({"DATA": data, "--vector": vector, "--calibrate": calibrate, "--model": model},
+          files={"--out": paths.scores, "its rejects file": paths.rejects, "its summary file": paths.summary,
+                 "--filtered-out": filtered_out, "--cache": cache},
+          folders={"--run-dir": paths.run_dir})
     precheck(data)
     if calibrate is not None:
         precheck(calibrate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..errors import PersonavecError
-from ._common import AllowMismatchOpt, DeviceOpt, DtypeOpt, LayersPathOpt, ModelOpt, info, load
+from ._common import AllowMismatchOpt, DeviceOpt, DtypeOpt, LayersPathOpt, ModelOpt, guard, info, load
 
 if TYPE_CHECKING:
     from ..serve.schemas import SteerSpec
@@ -42,9 +43,10 @@ def serve(
     vector: Annotated[list[Path], typer.Option(help="Persona vector file, named by its trait; repeat for several.")],
     model: ModelOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (1..65535), checked free before the model loads.")] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="PERSONAVEC_API_KEY", show_envvar=True,
-                                                help="Require 'Authorization: Bearer KEY' (401 otherwise).")] = None,
+                                                help="Require 'Authorization: Bearer KEY' (401 otherwise); "
+                                                     "an empty key is refused.")] = None,
     max_batch_size: Annotated[int, typer.Option(
         help="Requests generated together in one continuous batch, each with its own steering; 1 runs one "
              "request at a time.")] = 32,
@@ -69,15 +71,19 @@ def serve(
     import uvicorn
 
     from ..serve import ServeSettings, create_app, name_vectors
+    from ..serve.preflight import check_listen, resolve_api_key
     from ..vectors import PersonaVector
 
     if max_queue < 0 or max_request_bytes < 1 or max_tokens_limit < 1 or max_batch_size < 1:
         raise PersonavecError("--max-queue must be >= 0; --max-batch-size, --max-request-bytes and "
                               "--max-tokens-limit >= 1")
+    guard({"--vector": vector, "--model": model}, files={"--log": log})  # the log is appended to, never an input
+    key = resolve_api_key(api_key, os.environ)
+    check_listen(host, port)
     vectors = name_vectors([PersonaVector.load(p) for p in vector])  # fail on bad files before loading the model
     steered = steered_models(steered_model or [], vectors)  # and on bad specs
     m = load(model, device, dtype, layers_path)
-    settings = ServeSettings(api_key=api_key or None, max_queue=max_queue, max_batch_size=max_batch_size,
+    settings = ServeSettings(api_key=key, max_queue=max_queue, max_batch_size=max_batch_size,
                              max_request_bytes=max_request_bytes,
                              max_tokens_limit=max_tokens_limit, log_path=log, log_prompts=log_prompts,
                              model_name=served_model_name, allow_model_mismatch=allow_model_mismatch,
@@ -86,5 +92,5 @@ def serve(
     name = served_model_name or m.model_id
     info(f"serving {name} with vectors {', '.join(vectors)} on http://{host}:{port}/v1"
               + (f" (steered models: {', '.join(steered)})" if steered else "")
-              + (" (API key required)" if api_key else ""))
+              + (" (API key required)" if key else ""))
     uvicorn.run(server_app, host=host, port=port, log_level="warning")

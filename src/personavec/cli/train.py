@@ -23,6 +23,7 @@ from ._common import (
     TensorParallelOpt,
     check_engine_options,
     emit_json,
+    guard,
     info,
     load,
     out,
@@ -90,6 +91,8 @@ def train_cmd(
     process): `accelerate launch --num_processes N -m personavec.cli train ...`."""
     from ..training import Interventions, TrainSettings, load_dataset, train
 
+    guard({"DATA": data, "--preventative": preventative, "--ablate": ablate, "--vector": vector, "--trait": trait,
+           "--model": model}, folders={"--out": out_dir})
     settings = TrainSettings(rank=rank, alpha=alpha, rslora=rslora, lr=lr, epochs=epochs, batch_size=batch_size,
                              grad_accum=grad_accum, max_steps=max_steps, max_length=max_length,
                              save_steps=save_steps, seed=seed)
@@ -180,14 +183,14 @@ def elicit_cmd(
     from ..data import ElicitSettings, elicit
     from ..engines import open_engine
     from ..io import read_jsonl
+    from ..textfiles import read_lines
     from ..traits import load_trait
 
+    guard({"--trait": trait, "--questions": questions, "--model": model}, folders={"--out": out_dir})
     loaded = load_trait(trait)
     extra = None
     if questions is not None:
-        if not questions.is_file():
-            raise PersonavecError(f"questions file '{questions}' does not exist")
-        extra = [line.strip() for line in questions.read_text(encoding="utf-8").splitlines() if line.strip()]
+        extra = read_lines(questions, "questions file")
     settings = ElicitSettings(rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature,
                               seed=seed, n_prompts=n_prompts, batch_size=batch_size)
     settings.validate()

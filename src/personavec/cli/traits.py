@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import PersonavecError
-from ._common import DeviceOpt, DtypeOpt, JsonOpt, emit_json, load, out, progress_bars
+from ._common import DeviceOpt, DtypeOpt, JsonOpt, emit_json, guard, load, out, progress_bars
 
 traits_app = typer.Typer(no_args_is_help=True, help="Built-in and user trait files.")
 
@@ -69,6 +69,7 @@ def trait_new(
     from ..vectors import now_iso
 
     target = out_path or Path(f"{name}.yaml")
+    guard({}, files={"--out": target})
     if target.exists() and not force:
         raise PersonavecError(f"'{target}' already exists; choose another --out or pass --force to replace it")
     gen = make_generator(generator, api_key=api_key, temperature=temperature, max_tokens=max_tokens,

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import PersonavecError
+from ..paths import refuse_existing
 from ._common import (
     DeviceOpt,
     DtypeOpt,
@@ -17,6 +18,7 @@ from ._common import (
     LayersPathOpt,
     ModelOpt,
     emit_json,
+    guard,
     load,
     out,
     parse_floats,
@@ -28,6 +30,7 @@ vector_app = typer.Typer(no_args_is_help=True, help="Inspect persona vector file
 MismatchOpt = Annotated[bool, typer.Option(help="Combine vectors made on different weights (same shape).")]
 OutVector = Annotated[Path, typer.Option("--out", "-o", help="Vector file to write (.pv.safetensors).")]
 TraitNameOpt = Annotated[str | None, typer.Option(help="Trait name recorded in the result (default: from the inputs).")]
+ForceOpt = Annotated[bool, typer.Option(help="Replace an existing --out vector file.")]
 
 
 @vector_app.command("info")
@@ -53,11 +56,12 @@ def vector_info(path: Annotated[Path, typer.Argument(help="A .pv.safetensors fil
 
 
 # ---- algebra -----------------------------------------------------------------------------------------------
-def check_out(target: Path, inputs: list[Path]) -> None:
-    """Inputs are never modified: refuse an output path that names an input."""
-    resolved = target.resolve()
-    if any(p.resolve() == resolved for p in inputs):
-        raise PersonavecError(f"--out '{target}' is one of the inputs; write the result to a new file")
+def check_out(target: Path, inputs: dict[str, Any], force: bool | None = None, folder: bool = False) -> None:
+    """Inputs are never modified (see `guard`); with `force` given, an existing vector file (an extraction's
+    result, perhaps) is replaced only when it is True."""
+    guard(inputs, files={} if folder else {"--out": target}, folders={"--out": target} if folder else {})
+    if force is not None:
+        refuse_existing(target, force=force)
 
 
 def load_vectors(paths: list[Path]) -> list[Any]:
@@ -79,13 +83,13 @@ def _saved(vec: Any, target: Path, as_json: bool) -> None:
 @vector_app.command("add")
 def vector_add(vectors: Annotated[list[Path], typer.Argument(help="Two or more vector files of one model.")],
                out_path: OutVector, trait: TraitNameOpt = None, allow_model_mismatch: MismatchOpt = False,
-               as_json: JsonOpt = False) -> None:
+               force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """Sum vectors layer by layer (e.g. two traits at once)."""
     from ..algebra import add
 
     if len(vectors) < 2:
         raise PersonavecError("vector add needs two or more vector files")
-    check_out(out_path, vectors)
+    check_out(out_path, {"VECTORS": vectors}, force)
     _saved(add(*load_vectors(vectors), trait=trait, sources=[str(p) for p in vectors],
                allow_mismatch=allow_model_mismatch), out_path, as_json)
 
@@ -94,11 +98,11 @@ def vector_add(vectors: Annotated[list[Path], typer.Argument(help="Two or more v
 def vector_sub(a: Annotated[Path, typer.Argument(help="Vector to subtract from.")],
                b: Annotated[Path, typer.Argument(help="Vector to subtract.")],
                out_path: OutVector, trait: TraitNameOpt = None, allow_model_mismatch: MismatchOpt = False,
-               as_json: JsonOpt = False) -> None:
+               force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """A − B layer by layer (e.g. a trait with another's direction taken out)."""
     from ..algebra import subtract
 
-    check_out(out_path, [a, b])
+    check_out(out_path, {"A": a, "B": b}, force)
     va, vb = load_vectors([a, b])
     _saved(subtract(va, vb, trait=trait, sources=[str(a), str(b)], allow_mismatch=allow_model_mismatch), out_path,
            as_json)
@@ -107,7 +111,8 @@ def vector_sub(a: Annotated[Path, typer.Argument(help="Vector to subtract from."
 @vector_app.command("scale")
 def vector_scale(vector: Annotated[Path, typer.Argument(help="Vector file.")],
                  by: Annotated[float, typer.Option(help="Factor (negative flips the direction).")],
-                 out_path: OutVector, trait: TraitNameOpt = None, as_json: JsonOpt = False) -> None:
+                 out_path: OutVector, trait: TraitNameOpt = None, force: ForceOpt = False,
+                 as_json: JsonOpt = False) -> None:
     """Multiply every layer by a factor."""
     import math
 
@@ -115,18 +120,18 @@ def vector_scale(vector: Annotated[Path, typer.Argument(help="Vector file.")],
 
     if not math.isfinite(by):
         raise PersonavecError(f"--by must be a finite number, got {by}")
-    check_out(out_path, [vector])
+    check_out(out_path, {"VECTOR": vector}, force)
     _saved(scale(load_vectors([vector])[0], by, trait=trait, sources=[str(vector)]), out_path, as_json)
 
 
 @vector_app.command("normalize")
 def vector_normalize(vector: Annotated[Path, typer.Argument(help="Vector file.")], out_path: OutVector,
                      norm: Annotated[float, typer.Option(help="Length of every layer's row.")] = 1.0,
-                     trait: TraitNameOpt = None, as_json: JsonOpt = False) -> None:
+                     trait: TraitNameOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """Rescale every layer's row to the same length (directions only)."""
     from ..algebra import normalize
 
-    check_out(out_path, [vector])
+    check_out(out_path, {"VECTOR": vector}, force)
     _saved(normalize(load_vectors([vector])[0], norm, trait=trait, source=str(vector)), out_path, as_json)
 
 
@@ -146,6 +151,7 @@ def vector_compare(
 
     if len(vectors) < 2:
         raise PersonavecError("vector compare needs two or more vector files")
+    guard({"VECTORS": vectors}, files={"--out": out_path})
     loaded = load_vectors(vectors)
     layers = [int(x) for x in parse_floats(layer, "--layer") or []] or [loaded[0].layer]
     for ly in layers:
@@ -208,7 +214,7 @@ def vector_export(
         fmt = "gguf" if out_path.suffix.lower() == ".gguf" else "pretrained"
     if fmt not in ("gguf", "pretrained", "reference"):
         raise PersonavecError(f"unknown --format '{fmt}'; use gguf, pretrained or reference")
-    check_out(out_path, [vector])
+    check_out(out_path, {"VECTOR": vector}, folder=fmt != "gguf")
     vec = load_vectors([vector])[0]
     if fmt != "gguf":
         if layer or coef != 1.0 or position != "response":
@@ -240,13 +246,13 @@ def vector_import(
     layer: Annotated[int | None, typer.Option(help="For .pt files: the layer you steer at (the reference's "
                                               "--layer L = personavec layer L), recorded as the chosen one.")] = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, layers_path: LayersPathOpt = None,
-    as_json: JsonOpt = False,
+    force: ForceOpt = False, as_json: JsonOpt = False,
 ) -> None:
     """Read a llama.cpp control vector (direction.k becomes layer k+1, the output of block k+1) or a reference
     .pt vector (row L stays layer L) onto MODEL."""
     from ..interop.gguf import import_gguf, read_control_vector
 
-    check_out(out_path, [file])
+    check_out(out_path, {"FILE": file, "--model": model}, force)
     if file.suffix.lower() in (".pt", ".pth"):
         from .interop import import_reference
 

@@ -58,9 +58,10 @@ class Steering:
                     allow_mismatch: bool = False) -> Steering:
         """The steering `vector.steer(model, layer, coef, positions, position)` would apply (same layer rules:
         default self.layer, a list, or "all" for incremental vectors at every layer)."""
-        from ..steering import check_coef
+        from ..steering import check_coef, steering_terms
 
         vectors = vector.layer_vectors(model, layer, position, allow_mismatch)
+        steering_terms(model, vectors, coef)  # a coefficient that overflows the model's dtype fails here
         return cls(vectors=vectors, coef=check_coef(coef), positions=positions)
 
     def check(self, n_layers: int, hidden_size: int) -> None:

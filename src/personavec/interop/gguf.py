@@ -32,7 +32,8 @@ import torch
 from .._version import __version__
 from ..errors import VectorError
 from ..io import atomic_path
-from ..vectors import LAYER_CONVENTION, PersonaVector, now_iso
+from ..steering import scaled_terms
+from ..vectors import LAYER_CONVENTION, PersonaVector, check_finite, now_iso
 
 if TYPE_CHECKING:
     from ..models import Model
@@ -63,7 +64,10 @@ def export_gguf(vec: PersonaVector, path: str | os.PathLike[str], layers: list[i
     import gguf
 
     chosen = sorted(set(layers if layers else [vec.layer]))
-    rows = {to_llama_cpp(ly, vec.n_layers): (coef * vec.at(ly, position)).float().cpu().numpy() for ly in chosen}
+    ks = [to_llama_cpp(ly, vec.n_layers) for ly in chosen]
+    # llama.cpp adds the directions in float32: the baked-in coefficient must fit there
+    scaled = scaled_terms([(ly, coef, vec.at(ly, position).detach().float().cpu()) for ly in chosen])
+    rows = {k: row.numpy() for k, row in zip(ks, scaled, strict=True)}
     final = Path(path)
     with atomic_path(final) as tmp:
         writer = gguf.GGUFWriter(str(tmp), ARCH)
@@ -125,6 +129,8 @@ def read_control_vector(path: str | os.PathLike[str]) -> tuple[dict[int, np.ndar
     sizes = {d.size for d in directions.values()}
     if len(sizes) != 1:
         raise VectorError(f"'{p}' holds directions of different lengths {sorted(sizes)}")
+    for k, d in directions.items():
+        check_finite(torch.from_numpy(d)[None], f"'{p}' (direction.{k})", first_layer=k + 1)  # layer = k + 1
     info: dict[str, Any] = {"model_hint": _string(reader, f"{ARCH}.model_hint")}
     raw_meta = _string(reader, "personavec.meta")
     if raw_meta:

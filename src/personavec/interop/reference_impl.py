@@ -44,7 +44,7 @@ import torch
 from .._version import __version__
 from ..errors import TraitError, VectorError
 from ..io import atomic_path, sha256_file
-from ..vectors import LAYER_CONVENTION, PersonaVector, now_iso
+from ..vectors import LAYER_CONVENTION, PersonaVector, check_finite, now_iso
 
 if TYPE_CHECKING:
     from ..models import Model
@@ -105,8 +105,7 @@ def read_tensor(path: str | os.PathLike[str]) -> torch.Tensor:
     if not obj.is_floating_point():
         raise VectorError(f"'{p}' holds {obj.dtype} values; a reference vector is floating point")
     t = obj.detach().float().contiguous()
-    if not torch.isfinite(t).all():
-        raise VectorError(f"'{p}' holds NaN or infinite values")
+    check_finite(t, f"'{p}'")  # row L is personavec layer L
     return t
 
 

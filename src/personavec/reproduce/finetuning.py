@@ -32,6 +32,7 @@ from ..progress import Progress, no_progress
 from ..reference import reference_measure
 from ..runs import Records
 from ..screen import screen
+from ..textfiles import read_user_text
 from ..training import TrainSettings, attach_adapter, train
 from ..training.shift import eval_prompts, last_prompt_means, project
 from ..traits import LoadedTrait
@@ -116,7 +117,7 @@ def rows_of(data: Path, out: Path, max_rows: int | None) -> Path:
     """The set to train on: `data` itself, or its first `max_rows` rows copied into the run folder."""
     if max_rows is None:
         return data
-    lines = [ln for ln in data.read_text(encoding="utf-8").split("\n") if ln.strip()][:max_rows]
+    lines = [ln for ln in read_user_text(data, "authored set").split("\n") if ln.strip()][:max_rows]
     target = out / data.name
     if not target.exists():
         write_text(target, "\n".join(lines) + "\n")

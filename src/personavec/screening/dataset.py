@@ -3,7 +3,7 @@ redone), locally or on Ray, then gathered back into columns sorted by input inde
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import closing
@@ -15,12 +15,15 @@ import numpy as np
 
 from ..engines import EngineError, engine_record
 from ..engines import run_settings as engine_settings
-from ..io import append_jsonl
+from ..errors import RunError
+from ..io import append_jsonl, iter_jsonl
 from ..models import cache_root
 from ..progress import Progress, no_progress
 from ..runs import open_run
 from .score import AnswerCache, ScoreSettings, score_chunk
 from .source import ChunkRef, Source, iter_chunks, open_source
+
+log = logging.getLogger("personavec")
 
 if TYPE_CHECKING:
     from ..engines import Engine
@@ -54,15 +57,23 @@ class RayOptions:
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:
-    """Chunk records of a run, streamed; a torn last line (interrupted append) is skipped."""
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+    """Chunk records of a run, streamed; a torn line (interrupted append) is skipped: its chunk is pending."""
+    return (r for r in iter_jsonl(path) if r is not None)
+
+
+def _done_chunks(path: Path) -> set[int]:
+    """The chunks a run folder has finished, warning when an interrupted append tore a record (its chunk is
+    scored again)."""
+    done, torn = set(), 0
+    for record in iter_jsonl(path):
+        if record is None:
+            torn += 1
+        else:
+            done.add(int(record["chunk"]))
+    if torn:
+        log.warning("%s: %d torn chunk record(s) left by an interrupted run ignored; their rows are scored again",
+                    path, torn)
+    return done
 
 
 def _run_settings(model: Model, source: Source, vectors: Mapping[str, PersonaVector], settings: ScoreSettings,
@@ -90,7 +101,7 @@ def score_dataset(model: Model, data: str | os.PathLike[str], vectors: Mapping[s
     source = open_source(data, chunk_size)
     folder = open_run(Path(run_dir), "screen", _run_settings(model, source, vectors, settings, chunk_size, engine))
     chunks_path = folder / CHUNKS_FILE
-    done = {int(r["chunk"]) for r in _records(chunks_path)}
+    done = _done_chunks(chunks_path)
     cache_path = str(cache) if cache is not None else str(cache_root() / "base-answers.sqlite")
     finished = sum(ref.count for ref in source.chunks if ref.chunk in done)
     progress(task, finished, source.n_rows)
@@ -153,6 +164,11 @@ def _gather(source: Source, chunks_path: Path, traits: list[str]) -> Scored:
             ids.append(row["id"])
             for name in names:
                 cols.setdefault(name, []).append(row[name])
+    missing = sorted({ref.chunk for ref in source.chunks} - seen)
+    if missing or len(index) + len(rejects) != source.n_rows:  # never report a partial run as complete
+        raise RunError(f"the run folder's records {chunks_path} hold {len(index) + len(rejects)} of {source.n_rows} "
+                       f"rows (chunks missing: {missing[:5]}); rerun the same command to score them, or remove "
+                       "the run folder to start over")
     order = np.argsort(np.array(index, dtype=np.int64), kind="stable")
     rejects.sort(key=lambda r: r["index"])
     return Scored(source=source, index=np.array(index, dtype=np.int64)[order], ids=[ids[i] for i in order],

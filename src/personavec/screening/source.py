@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -23,6 +23,30 @@ from ..io import atomic_path, sha256_file
 from .rows import DatasetError, Parsed, Reject, Schema, parse_row, schema_of
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+#: The longest JSONL row read into memory (bytes); a longer one is rejected, read past a block at a time, so one
+#: huge line cannot exhaust memory. Far beyond any model's context: such a row would be rejected anyway.
+MAX_ROW_BYTES = 64 << 20
+
+
+def read_line(fh: BinaryIO, sink: Callable[[bytes], object] | None = None,
+              limit: int | None = None) -> tuple[bytes | None, int]:
+    """The next line of a binary file and its size in bytes (b"" and 0 at the end); None for the line when it
+    is longer than `limit` (default MAX_ROW_BYTES; then only a block at a time is held). Every byte read is
+    passed to `sink`."""
+    limit = MAX_ROW_BYTES if limit is None else limit
+    head = fh.readline(limit + 1)
+    if sink is not None:
+        sink(head)
+    if len(head) <= limit or head.endswith(b"\n"):
+        return head, len(head)
+    size = len(head)
+    while part := fh.readline(1 << 20):
+        size += len(part)
+        if sink is not None:
+            sink(part)
+        if part.endswith(b"\n"):
+            break
+    return None, size
 
 
 def format_of(path: str | os.PathLike[str]) -> str:
@@ -78,18 +102,20 @@ def _plan_jsonl(p: Path, chunk_size: int) -> Source:
     offset = n = 0
     schema: Schema | None = None
     with open(p, "rb") as fh:
-        for line in fh:
+        while True:
+            line, size = read_line(fh, h.update)
+            if size == 0:
+                break
             if n % chunk_size == 0:
                 chunks.append(ChunkRef(len(chunks), n, 0, offset))
-            if schema is None:
+            if schema is None and line is not None:
                 try:
                     value = json.loads(line)
                     if isinstance(value, dict):
                         schema = schema_of(value)
                 except ValueError:
                     pass
-            h.update(line)
-            offset += len(line)
+            offset += size
             n += 1
     counts = [min(chunk_size, n - c.start) for c in chunks]
     chunks = [ChunkRef(c.chunk, c.start, k, c.offset) for c, k in zip(chunks, counts, strict=True)]
@@ -129,8 +155,11 @@ def read_chunk(source: Source, ref: ChunkRef) -> list[Parsed | Reject]:
     with open(source.path, "rb") as fh:
         fh.seek(ref.offset)
         for k in range(ref.count):
-            line = fh.readline()
+            line, size = read_line(fh)
             index = ref.start + k
+            if line is None:
+                out.append(Reject(index, f"row of {size} bytes exceeds the {MAX_ROW_BYTES} byte row limit"))
+                continue
             text = line.decode("utf-8", errors="replace").rstrip("\r\n")
             if not text.strip():
                 out.append(Reject(index, "empty line"))
@@ -190,8 +219,9 @@ def write_filtered(source: Source, keep: np.ndarray, dest: str | os.PathLike[str
     with atomic_path(dest) as tmp:
         if source.format == "jsonl":
             with open(source.path, "rb") as src, open(tmp, "wb") as dst:
-                for index, line in enumerate(src):
-                    if keep[index]:
+                for index in range(source.n_rows):
+                    line, _ = read_line(src)  # an over-long row is a reject: never kept
+                    if keep[index] and line is not None:
                         dst.write(line if line.endswith(b"\n") else line + b"\n")
                         written += 1
         else:

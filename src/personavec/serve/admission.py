@@ -20,7 +20,7 @@ def request_steer(state: ServeState, req: RequestBase) -> list[SteerTerm]:
         names = ", ".join([state.served, *state.steered])
         raise ApiError(404, f"model '{req.model}' is not served here; this server has {names}",
                        code="model_not_found", param="model")
-    return state.steered.get(req.model, []) + resolve_steer(state.vectors, state.model.n_layers, req.steer, "steer")
+    return state.steered.get(req.model, []) + resolve_steer(state.vectors, state.model, req.steer, "steer")
 
 
 def encode_chat(state: ServeState, req: ChatRequest) -> list[int]:

@@ -6,7 +6,11 @@ every request sent to it, for clients that send fixed bodies) and persona monito
 Every request passes, in order: bearer-token auth (401), the body size limit (413), JSON and schema
 validation (400, or 404 for an unknown model), the steering and token-budget checks (400), then
 admission into the engine's bounded queue (429 when full). Errors use OpenAI's body shape, so the
-official client raises its usual exception classes.
+official client raises its usual exception classes. Limits against hostile bodies, each a 400: JSON
+nested at most 64 deep (`deps.MAX_JSON_DEPTH`, measured without recursion before parsing), `seed` in
+0..2**64-1 (torch's seeds, `schemas.MAX_SEED`), at most 64 `steer` terms (`schemas.MAX_STEER_TERMS`), and
+each term's coef × vector fitting the model's dtype (`steering.steering_terms`). A user's error raised
+during generation (a PersonavecError) is a 400 too; anything else there is a 500.
 
 Layout: `state` (what handlers share), `deps` (state, auth, body), `admission` (checks before the
 queue), `events` (engine events to a response), `responses` (OpenAI shapes), `routes` (the handlers)."""

@@ -252,7 +252,12 @@ class Engine:
             joining: list[Row] = []
             while waiting and len(joining) < batcher.room:
                 job, left = waiting.popleft()
-                row = self._row(job, functools.partial(done, left=left))
+                try:
+                    row = self._row(job, functools.partial(done, left=left))
+                except Exception as exc:  # a job that cannot start fails alone: the worker keeps serving
+                    log.exception("starting a request failed")
+                    done(job, exc, left)
+                    continue
                 if job.cancel.is_set():  # gone while it waited
                     batcher.finish(row, "cancelled")
                 else:

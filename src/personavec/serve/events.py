@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from ..errors import PersonavecError
 from .engine import Event, Job, Result
 from .schemas import ApiError
 
@@ -48,6 +49,14 @@ def channel() -> tuple[asyncio.Queue[Indexed], Callable[[int], Callable[[Event],
     return events, emitter
 
 
+def failure(exc: Exception) -> ApiError:
+    """A failed generation's answer: a user's error (a PersonavecError, e.g. steering the request's checks
+    let through) is a 400 with its message, anything else a bug (500)."""
+    if isinstance(exc, PersonavecError):
+        return ApiError(400, str(exc))
+    return ApiError(500, f"generation failed: {type(exc).__name__}", kind="server_error")
+
+
 def _cancel(jobs: list[Job]) -> None:
     for job in jobs:
         job.cancel.set()  # frees the slot at the next token (a no-op for finished jobs)
@@ -55,7 +64,7 @@ def _cancel(jobs: list[Job]) -> None:
 
 async def collect(request: Request, jobs: list[Job], events: asyncio.Queue[Indexed]) -> list[Result]:
     """Every job's result in choice order; polls for a client that went away (then cancels, and the
-    "done" events still arrive); a failed generation is a 500."""
+    "done" events still arrive); a failed generation is answered by `failure`."""
     results: dict[int, Result] = {}
     while len(results) < len(jobs):
         try:
@@ -69,7 +78,7 @@ async def collect(request: Request, jobs: list[Job], events: asyncio.Queue[Index
             raise
         if kind == "error":
             _cancel(jobs)
-            raise ApiError(500, f"generation failed: {type(value).__name__}", kind="server_error")
+            raise failure(value)
         if kind == "done":
             results[index] = value
     return [results[i] for i in range(len(jobs))]
@@ -94,7 +103,7 @@ async def stream(jobs: list[Job], events: asyncio.Queue[Indexed], chunks: Chunks
             if kind == "delta":
                 yield _sse(chunks.delta(index, value))
             elif kind == "error":
-                yield _sse(ApiError(500, f"generation failed: {type(value).__name__}", kind="server_error").body())
+                yield _sse(failure(value).body())
                 return
             else:
                 results[index] = value

@@ -26,6 +26,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 MAX_LOGPROBS = 20  # the most alternatives per position (OpenAI: 5 legacy / 20 chat; vLLM: 20)
+MAX_SEED = 2**64 - 1  # torch's generators take unsigned 64-bit seeds (a negative one aliases seed + 2**64)
+MAX_STEER_TERMS = 64  # a request's own `steer` terms: each adds a hook to every forward of the batch
 
 
 class ApiError(Exception):
@@ -89,7 +91,8 @@ class RequestBase(BaseModel):
     model: str
     temperature: FiniteFloat = Field(default=1.0, ge=0.0, le=2.0)
     top_p: FiniteFloat = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, description="Sampling seed, 0..2**64-1 (torch's unsigned 64-bit "
+                             "seeds; a negative seed would alias seed + 2**64). Default: a random one.")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -103,7 +106,7 @@ class RequestBase(BaseModel):
     store: bool | None = None
     service_tier: str | None = None
     # personavec extensions (the openai client sends them through extra_body)
-    steer: list[SteerSpec] = Field(default_factory=list)
+    steer: list[SteerSpec] = Field(default_factory=list, description=f"Steering terms, at most {MAX_STEER_TERMS}.")
     ignore_eos: bool = False  # vLLM's name: generate exactly max_tokens tokens (benchmarks, tests)
 
     @field_validator("stop")
@@ -113,6 +116,23 @@ class RequestBase(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_range(cls, v: Any) -> Any:
+        """Checked before the integer is parsed, so a huge number gets this message, not a parser's."""
+        if isinstance(v, int | float) and not isinstance(v, bool) and not 0 <= v <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in 0..{MAX_SEED} (torch's generators take unsigned "
+                             "64-bit seeds)")
+        return v
+
+    @field_validator("steer", mode="before")
+    @classmethod
+    def _few_terms(cls, v: Any) -> Any:
+        """Counted before the terms are validated, so a huge list costs nothing."""
+        if isinstance(v, list) and len(v) > MAX_STEER_TERMS:
+            raise ValueError(f"steer takes at most {MAX_STEER_TERMS} terms per request, got {len(v)}; send fewer")
+        return v
 
     @field_validator("n")
     @classmethod

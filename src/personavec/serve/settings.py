@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import PersonavecError
 from .schemas import SteerSpec
 
 
@@ -17,7 +18,8 @@ class ServeSettings:
     `max_tokens_limit`: the most completion tokens one request may ask for (also the default).
     `steered_models`: extra model names, each steering every request sent to it with its terms (before
     the request's own `steer`), e.g. {"evil-8": [{"vector": "evil", "coef": 8, "positions": "all"}]};
-    `schemas.parse_steered_model` reads the `NAME=VECTOR:COEF[:LAYER][:POSITIONS]` form."""
+    `schemas.parse_steered_model` reads the `NAME=VECTOR:COEF[:LAYER][:POSITIONS]` form. `api_key` None
+    serves without auth; an empty or blank key is refused (it would let an empty bearer token in, or no one)."""
 
     api_key: str | None = None
     max_queue: int = 16
@@ -29,3 +31,7 @@ class ServeSettings:
     model_name: str | None = None  # the name clients pass as `model` (default: the model's id)
     allow_model_mismatch: bool = False
     steered_models: Mapping[str, Sequence[SteerSpec | Mapping[str, Any]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise PersonavecError("api_key is empty: give a key, or None to serve without auth")

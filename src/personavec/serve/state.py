@@ -56,4 +56,4 @@ class ServeState:
                    fingerprint=f"personavec-{__version__}-{model.fingerprint}",
                    context=int(getattr(text_config(model.hf.config), "max_position_embeddings", 0) or 1 << 30),
                    vocab=int(model.hf.get_input_embeddings().num_embeddings), started=int(time.time()),
-                   steered=steered_models(named, model.n_layers, served, settings.steered_models))
+                   steered=steered_models(named, model, served, settings.steered_models))

@@ -51,13 +51,13 @@ def read_rows(path: str | Path) -> list[Any]:
         except Exception as exc:
             raise PersonavecError(f"'{p}' is not a readable Parquet file ({type(exc).__name__})") from None
     rows: list[Any] = []
-    with p.open(encoding="utf-8") as fh:
+    with p.open("rb") as fh:  # bytes: a line that is not UTF-8 is one unreadable row, not a failed run
         for line in fh:
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 rows.append(None)
     return rows
 

@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import PersonavecError
-from ..steering import Handle, ablate, check_coef
+from ..steering import Handle, ablate, check_coef, steering_terms
 
 if TYPE_CHECKING:
     from ..models import Model
@@ -53,6 +53,9 @@ class Interventions:
                 vec.check_model(model, allow_mismatch)
         if isinstance(self.layer, str) and self.layer != "all":
             raise PersonavecError(f"--layer must be a layer number or 'all', got {self.layer!r}")
+        if self.preventative is not None and self.coef:  # an overflowing --coef fails before training starts
+            steering_terms(model, self.preventative.layer_vectors(model, self.layer, allow_mismatch=allow_mismatch),
+                           self.coef)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able record for the run manifest (vector digests, not paths)."""

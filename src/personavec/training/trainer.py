@@ -2,7 +2,7 @@
 finetuning-shift callback.
 
 The run folder OUT holds manifest.json (settings hash: a rerun resumes only the same run), Trainer
-checkpoints (checkpoint-N/, the newest two kept; a rerun resumes from the newest), shift.jsonl (the
+checkpoints (checkpoint-N/, the newest two kept; a rerun resumes from the newest complete one), shift.jsonl (the
 finetuning shift at every checkpoint, when a vector is given), and at the end a plain PEFT adapter
 (adapter_config.json + adapter_model.safetensors: LoRA weights only, no steering state) and
 train_summary.json.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..capture import read
 from ..errors import PersonavecError
 from ..io import append_jsonl, read_jsonl, sha256_file, write_json
 from ..progress import Progress, no_progress
 from ..runs import open_run
+from .checkpoints import last_complete_checkpoint
 from .dataset import IGNORE, DatasetSummary, collate, load_dataset
 from .interventions import InterventionCallback, Interventions
 from .shift import eval_prompts, last_prompt_means, project, shift_record
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from ..vectors import PersonaVector
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+log = logging.getLogger("personavec")
 
 
 @dataclass(frozen=True)
@@ -271,11 +273,15 @@ def train(model: Model, data: str | Path, out: str | Path, settings: TrainSettin
                                 data_collator=collate(int(model.tokenizer.pad_token_id)), callbacks=cbs,
                                 pv_model=tm, interventions=iv, pause=pause)
     trainer.remove_callback(PrinterCallback)  # the library never prints; progress goes through `progress`
-    resume = get_last_checkpoint(str(folder)) if folder.exists() else None
+    found = last_complete_checkpoint(folder)
+    resume = found.checkpoint
+    if found.skipped:
+        log.warning("%s: passed over incomplete checkpoint(s) from an interrupted save: %s; %s", folder,
+                    ", ".join(found.skipped), f"resuming from {resume}" if resume else "starting from step 0")
     try:
         trainer.train(resume_from_checkpoint=resume)
     except NonFiniteLoss as exc:
-        last = get_last_checkpoint(str(folder))
+        last = last_complete_checkpoint(folder).checkpoint
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
         raise PersonavecError(f"training stopped: the loss became {exc.value} at step {exc.step}; {kept}; lower "
                               "--coef, --lr or --projection-penalty and train into a new --out") from None
