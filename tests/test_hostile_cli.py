@@ -58,6 +58,8 @@ def files(tmp_path: Path, evil_run: tuple[pv.PersonaVector, Path]) -> dict[str, 
     (tmp_path / "a_file").write_text("not a folder\n")
     (tmp_path / "a_folder").mkdir()
     os.symlink(f["vec"], tmp_path / "vec_link.gguf")
+    os.symlink(f["data"], tmp_path / "data_link.jsonl")
+    (tmp_path / "c.jsonl.rejected.jsonl").write_text("[]")  # an input named as an import's rejects file
     os.link(f["vec"], tmp_path / "vec_hardlink.pv.safetensors")
     return f
 
@@ -84,8 +86,7 @@ CASES: list[Case] = [
     ("screen --out is the vector", lambda f, t: ["screen", str(f["data"]), "--vector", str(f["vec"]), "--fast",
                                                   "--out", str(f["vec"])], "is the input --vector"),
     ("screen --out is DATA through a symlink",
-     lambda f, t: (os.symlink(f["data"], t / "link.jsonl"), ["screen", str(f["data"]), "--vector", str(f["vec"]),
-                                                            "--fast", "--out", str(t / "link.jsonl")])[1],
+     lambda f, t: ["screen", str(f["data"]), "--vector", str(f["vec"]), "--fast", "--out", str(t / "data_link.jsonl")],
      "is the input DATA"),
     ("screen --filtered-out is --out", lambda f, t: ["screen", str(f["data"]), "--vector", str(f["vec"]), "--fast",
                                                       "--threshold", "0", "--out", str(t / "s.jsonl"),
@@ -112,7 +113,7 @@ CASES: list[Case] = [
                                                               "--out", str(f["data"])], "is the input --source"),
     ("data import sharegpt: rejects file is --source",
      lambda f, t: ["data", "import", "sharegpt", "--source", str(t / "c.jsonl.rejected.jsonl"), "--out",
-                   str(t / "c.jsonl")] if (t / "c.jsonl.rejected.jsonl").write_text("[]") else [],
+                   str(t / "c.jsonl")],
      "is the input --source"),
     ("vector scale --out is a hard link to the input", lambda f, t: ["vector", "scale", str(f["vec"]), "--by", "2",
                                                                       "--out", str(t / "vec_hardlink.pv.safetensors")],
@@ -302,3 +303,18 @@ def test_a_huge_jsonl_row_is_rejected_without_reading_it_whole(model: pv.Model, 
     assert res.summary.scored == 2
     assert res.summary.reject_reasons == {f"row of {size} bytes exceeds the 4000 byte row limit": 1}
     assert (tmp_path / "kept.jsonl").read_text().count("\n") == 2
+
+
+def test_streamed_files_that_are_not_utf8(cli: Cli, tmp_path: Path) -> None:
+    """A ShareGPT file with bytes that are not UTF-8 is one line and writes nothing; in a training set such a
+    line is one unreadable row, counted like a malformed one."""
+    from personavec.training.dataset import read_rows
+
+    src = tmp_path / "sg.json"
+    src.write_bytes(b'[{"id": "a", "conversations": [{"from": "human", "value": "caf\xe9"}]}]')
+    res = cli("data", "import", "sharegpt", "--source", str(src), "--out", str(tmp_path / "c.jsonl"), ok=False)
+    assert "is not UTF-8 text" in error_line(res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sg.json"]
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(json.dumps(CONV).encode() + b"\n" + b'{"messages": "\xff"}\n')
+    assert read_rows(data) == [CONV, None]

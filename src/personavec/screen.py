@@ -171,6 +171,14 @@ class OutPaths:
                    out_p.with_name(stem),
                    Path(run_dir) if run_dir is not None else out_p.with_name(out_p.name + ".run"))
 
+    def outputs(self, filtered_out: str | os.PathLike[str] | None = None,
+                cache: str | os.PathLike[str] | None = None) -> list[Output]:
+        """Every path a screen writes, for the output guard (`paths.check_outputs`)."""
+        named = [Output("--out", self.scores), Output("its rejects file", self.rejects),
+                 Output("its summary file", self.summary), Output("--run-dir", self.run_dir, folder=True)]
+        return named + [Output(option, Path(p)) for option, p in (("--filtered-out", filtered_out),
+                                                                  ("--cache", cache)) if p is not None]
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -230,9 +238,7 @@ def _check_inputs(model: Model, data: str | os.PathLike[str],
         v.check_model(model, s.allow_mismatch)
     paths = OutPaths.of(out, s.run_dir)
     check_outputs({"DATA": existing_paths([data]), "--calibrate": existing_paths([s.calibrate])},
-                  [Output("--out", paths.scores), Output("its rejects file", paths.rejects),
-                   Output("its summary file", paths.summary), Output("--run-dir", paths.run_dir, folder=True)]
-                  + ([Output("--filtered-out", Path(s.filtered_out))] if s.filtered_out else []))
+                  paths.outputs(s.filtered_out))
     s.validate(data)
     return named
 

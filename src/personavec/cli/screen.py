@@ -86,11 +86,8 @@ def screen_cmd(
     from ..screening.source import precheck
     from ..vectors import PersonaVector
 
-    paths = OutPaths.of(out_path, run_dir)
     guard({"DATA": data, "--vector": vector, "--calibrate": calibrate, "--model": model},
-          files={"--out": paths.scores, "its rejects file": paths.rejects, "its summary file": paths.summary,
-                 "--filtered-out": filtered_out, "--cache": cache},
-          folders={"--run-dir": paths.run_dir})
+          outputs=OutPaths.of(out_path, run_dir).outputs(filtered_out, cache))
     precheck(data)
     if calibrate is not None:
         precheck(calibrate)

@@ -1,6 +1,6 @@
 """Steering specs (a request's `steer`, a steered model name's terms) turned into the engine's checked
 `SteerTerm`s: the vector must be loaded, the layer inside the model (layer L = output of block L), and
-coef × vector[layer] must fit the model's dtype by steering's own rule (`steering.steering_terms`: an
+coef × vector[layer] must fit the model's dtype by steering's own rule (`steering.scaled_terms`: an
 overflowing product would leave the model answering nothing), checked here so that such a term is a 400
 naming its coefficient before the request is queued."""
 
@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SteeringError, VectorError
-from ..steering import steering_terms
+from ..steering import scaled_terms
 from .engine import SteerTerm
 from .schemas import ApiError, SteerSpec
 
@@ -33,8 +33,8 @@ def resolve_steer(vectors: Mapping[str, PersonaVector], model: Model, specs: Seq
             raise ApiError(400, f"layer {layer} is out of range 1..{model.n_layers} (layer L = output of "
                            "decoder block L)", param=f"{where}.{i}.layer")
         direction = vec.at(layer)
-        try:
-            steering_terms(model, {layer: direction}, float(s.coef))
+        try:  # steering's own rule, in the model's dtype but on the vector's (host) copy: no device work here
+            scaled_terms([(layer, float(s.coef), direction.detach().cpu().to(model.dtype))])
         except SteeringError as exc:
             raise ApiError(400, str(exc), param=f"{where}.{i}.coef") from None
         terms.append(SteerTerm(s.vector, layer, float(s.coef), s.positions, direction))
