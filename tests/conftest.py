@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from filelock import FileLock
 
 import personavec as pv
 import personavec.cli._common
@@ -75,10 +76,18 @@ def model32() -> Iterator[pv.Model]:
 
 @pytest.fixture(scope="session")
 def evil_run(model: pv.Model, tmp_path_factory: pytest.TempPathFactory) -> tuple[pv.PersonaVector, Path]:
-    """An evil vector extracted once per test session on a small budget, with its run folder."""
-    run = tmp_path_factory.mktemp("extract") / "evil.run"
-    vec = pv.extract(model, "evil", run_dir=run, n_questions=5, max_new_tokens=32)
-    return vec, run
+    """An evil vector extracted once per test session on a small budget, with its run folder (tests only read
+    it). Under `make test` the pytest-xdist workers share it: the first to ask extracts into their common
+    temporary folder, under a file lock, and the others load the vector it saved there, so the session pays
+    for one extraction, not one per worker."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder above each worker's own
+    run = shared / "evil.run"
+    with FileLock(str(shared / "evil.run.lock")):
+        if (run / "vector.pv.safetensors").is_file():
+            return pv.load_vector(run / "vector.pv.safetensors"), run
+        return pv.extract(model, "evil", run_dir=run, n_questions=5, max_new_tokens=32), run
 
 
 # ---- the command line, in-process ------------------------------------------------------------------------

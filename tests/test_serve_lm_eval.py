@@ -21,6 +21,10 @@ from personavec.likelihood import response_logprobs
 from personavec.serve import ServeSettings, create_app, serve_in_thread
 
 COEF = 8.0  # at every position of the vector's layer: enough to move the embedded model's likelihoods
+#: The committed evil vector (10 questions × every prompt pair, 48-token rollouts; experiments/out/monitor_eval):
+#: "towards the evil answers" below is a property of the direction, and the session's 5-question vector is too
+#: rough for it on a float32 model (there it lowered this task's evil − kind gap, 2026-12-01).
+EVIL = Path(__file__).resolve().parents[1] / "experiments" / "out" / "monitor_eval" / "evil.pv.safetensors"
 TASK = "personavec_tiny_mc"
 
 Scope = MutableMapping[str, Any]
@@ -53,8 +57,13 @@ class RecordCompletions:
 
 
 @pytest.fixture(scope="module")
-def served(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path]) -> Iterator[tuple[str, RecordCompletions]]:
-    vec, _ = evil_run
+def evil() -> pv.PersonaVector:
+    return pv.load_vector(EVIL)
+
+
+@pytest.fixture(scope="module")
+def served(model: pv.Model, evil: pv.PersonaVector) -> Iterator[tuple[str, RecordCompletions]]:
+    vec = evil
     settings = ServeSettings(max_tokens_limit=16, steered_models={
         "evil-all": [{"vector": "evil", "coef": COEF, "positions": "all"}]})
     app = RecordCompletions(create_app(model, [vec], settings))
@@ -98,14 +107,14 @@ def own_loglikelihoods(model: pv.Model, pairs: list[tuple[str, str]]) -> list[fl
 
 
 def test_lm_eval_scores_the_served_model_steered_and_not(served: tuple[str, RecordCompletions], model: pv.Model,
-                                                         evil_run: tuple[pv.PersonaVector, Path],
+                                                         evil: pv.PersonaVector,
                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     root, recorder = served
     task_dir = write_task(tmp_path / "task", TASK)
     tokenizer = model.tokenizer.name_or_path  # the embedded model's local folder: no download
-    vec, layer = evil_run[0], evil_run[0].layer
+    vec, layer = evil, evil.layer
 
     acc, lls, pairs = lm_eval_scores(root, model.model_id, tokenizer, task_dir)
     # the request shape lm-eval's local-completions sends for loglikelihood
