@@ -63,10 +63,9 @@ def evil() -> pv.PersonaVector:
 
 @pytest.fixture(scope="module")
 def served(model: pv.Model, evil: pv.PersonaVector) -> Iterator[tuple[str, RecordCompletions]]:
-    vec = evil
     settings = ServeSettings(max_tokens_limit=16, steered_models={
         "evil-all": [{"vector": "evil", "coef": COEF, "positions": "all"}]})
-    app = RecordCompletions(create_app(model, [vec], settings))
+    app = RecordCompletions(create_app(model, [evil], settings))
     with serve_in_thread(app) as root:
         yield root, app
 
