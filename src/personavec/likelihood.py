@@ -1,15 +1,19 @@
 """Log-likelihood of responses given prompts, batched and padding-aware. The LM head runs only on the
-positions that predict response tokens, so memory does not scale with vocabulary × prompt length."""
+positions that predict response tokens, so memory does not scale with vocabulary × prompt length, and a
+prompt shared by several responses is computed once (the KV cache carries it to each of them)."""
 
 from __future__ import annotations
 
+import copy
+from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .capture import Sample
 from .chat import batches_by_length, pad_batch
+from .models import cache_kwarg, output_cache
 from .progress import Progress, no_progress
 from .steering import sequence_layout
 
@@ -33,24 +37,101 @@ def _decoder(hf: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def response_logprobs(model: Model, samples: Sequence[Sample], *, batch_size: int = 16,
-                      max_tokens: int = 8192, progress: Progress = no_progress,
+                      max_tokens: int = 8192, share_prompts: bool = True, progress: Progress = no_progress,
                       task: str = "likelihood") -> list[float | None]:
     """Mean per-token log-probability (nats) of each sample's response; None for an empty response.
 
-    Active steering hooks apply, so this also measures a steered model."""
+    Samples that share their prompt with another sample (a quiz item's choices, a question's reference
+    answers, an answer scored under each system prompt of the contrast judge) are scored prompt-once: one
+    forward over each distinct prompt with the KV cache, then all their responses in one batch on that cache,
+    so the prompt's tokens are computed once instead of once per response. The others get one cache-free
+    forward over prompt + response. Both give the same numbers up to floating-point rounding.
+
+    Active steering hooks apply, so this also measures a steered model: named positions ("response",
+    "prompt", "all") mean the same tokens on both paths. A bool positions mask [batch, seq] fits cache-free
+    forwards only: pass share_prompts=False with one."""
     out: list[float | None] = [None] * len(samples)
     todo = [i for i, s in enumerate(samples) if s.response and s.prompt]
-    groups = batches_by_length([len(samples[i].prompt) + len(samples[i].response) for i in todo],
-                               max_tokens=max_tokens, max_batch=batch_size)
-    decoder = _decoder(model.hf)
-    head = model.hf.get_output_embeddings()
-    softcap = getattr(model.hf.config, "final_logit_softcapping", None)
+    uses = Counter(tuple(samples[i].prompt) for i in todo)
+    shared = [i for i in todo if share_prompts and uses[tuple(samples[i].prompt)] > 1]
+    alone = [i for i in todo if not (share_prompts and uses[tuple(samples[i].prompt)] > 1)]
+    groups = [([alone[g] for g in group], False) for group in batches_by_length(
+        [len(samples[i].prompt) + len(samples[i].response) for i in alone], max_tokens=max_tokens,
+        max_batch=batch_size)]
+    groups += [(group, True) for group in _prompt_batches(samples, shared, max_tokens, batch_size)]
+    scorer = _Scorer(model, batch_size)
     done = 0
     progress(task, 0, len(todo))
-    for group in groups:
-        batch = [samples[todo[g]] for g in group]
-        ids, mask = pad_batch([s.prompt + s.response for s in batch], model.tokenizer.pad_token_id,
-                              side="right", device=model.device)
+    for group, by_prompt in groups:
+        batch = [samples[i] for i in group]
+        sums = scorer.by_prompt(batch) if by_prompt else scorer.whole(batch)
+        for b, i in enumerate(group):
+            out[i] = float(sums[b]) / len(batch[b].response)
+        done += len(group)
+        progress(task, done, len(todo))
+    return out
+
+
+def _prompt_batches(samples: Sequence[Sample], todo: Sequence[int], max_tokens: int, max_batch: int
+                    ) -> list[list[int]]:
+    """Batches of samples with shared prompts, longest prompts first, each prompt's samples together (a prompt
+    with more samples than fit is split across batches and computed once in each). A batch holds at most
+    `max_batch` distinct prompts; its tokens computed (each distinct prompt once, every response padded to
+    the longest) stay within `max_tokens`, and so do its cached prompt rows (one copy per response) up to 4×:
+    those are keys and values only, a small part of a forward's memory."""
+    order = sorted(todo, key=lambda i: (-len(samples[i].prompt), samples[i].prompt, -len(samples[i].response)))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    prompts: set[tuple[int, ...]] = set()
+    longest = 0
+    for i in order:
+        s, key = samples[i], tuple(samples[i].prompt)
+        width = len(samples[cur[0]].prompt) if cur else len(s.prompt)
+        n_prompts, n = len(prompts | {key}), len(cur) + 1
+        computed = width * n_prompts + max(longest, len(s.response)) * n
+        if cur and (n_prompts > max_batch or computed > max_tokens or width * n > 4 * max_tokens):
+            out.append(cur)
+            cur, prompts, longest = [], set(), 0
+        cur.append(i)
+        prompts.add(key)
+        longest = max(longest, len(s.response))
+    if cur:
+        out.append(cur)
+    return out
+
+
+class _Scorer:
+    """The forwards `response_logprobs` runs: the decoder stack without the LM head where the model offers
+    that split (the head then runs only on positions that predict response tokens), else the whole model."""
+
+    def __init__(self, model: Model, max_rows: int) -> None:
+        self.model, self.max_rows = model, max_rows
+        decoder = _decoder(model.hf)
+        head = model.hf.get_output_embeddings()
+        self.head = head
+        self.split = decoder is not None and head is not None
+        self.net: torch.nn.Module = decoder if decoder is not None and head is not None else model.hf
+        self.softcap = getattr(model.hf.config, "final_logit_softcapping", None)
+        self.cache_key = cache_kwarg(self.net)
+
+    def states(self, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """(hidden states, or logits without the split; the KV cache when use_cache=True)."""
+        out = self.net(**kwargs)
+        return (out.last_hidden_state if self.split else out.logits), output_cache(out) if kwargs["use_cache"] else None
+
+    def logprobs(self, states: torch.Tensor, targets: list[int]) -> torch.Tensor:
+        logits = (self.head(states) if self.head is not None and self.split else states).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        target = torch.tensor(targets, device=logits.device)
+        return torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
+
+    def whole(self, batch: Sequence[Sample]) -> torch.Tensor:
+        """Per sample, the summed log-probability of its response from one cache-free forward over prompt +
+        response (right-padded; `sequence_layout` gives steering the generation's positions)."""
+        device = self.model.device
+        ids, mask = pad_batch([s.prompt + s.response for s in batch], self.model.tokenizer.pad_token_id,
+                              side="right", device=device)
         rows, cols, targets = [], [], []
         for b, s in enumerate(batch):
             start = len(s.prompt) - 1  # the position that predicts the first response token
@@ -58,21 +139,60 @@ def response_logprobs(model: Model, samples: Sequence[Sample], *, batch_size: in
                 rows.append(b)
                 cols.append(start + k)
                 targets.append(tok)
-        r = torch.tensor(rows, device=model.device)
-        c = torch.tensor(cols, device=model.device)
-        plen = torch.tensor([len(s.prompt) for s in batch])
-        with torch.no_grad(), sequence_layout(plen):
-            if decoder is not None and head is not None:
-                hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                logits = head(hidden[r, c]).float()
-            else:
-                logits = model.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits[r, c].float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=model.device)[:, None])[:, 0]
-        sums = torch.zeros(len(batch), device=model.device).index_add_(0, r, lp)
-        for b, g in enumerate(group):
-            out[todo[g]] = float(sums[b]) / len(batch[b].response)
-        done += len(group)
-        progress(task, done, len(todo))
+        r, c = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+        with torch.no_grad(), sequence_layout(torch.tensor([len(s.prompt) for s in batch])):
+            states, _ = self.states(input_ids=ids, attention_mask=mask, use_cache=False)
+            lp = self.logprobs(states[r, c], targets)
+        return torch.zeros(len(batch), device=lp.device).index_add_(0, r.to(lp.device), lp)
+
+    def by_prompt(self, batch: Sequence[Sample]) -> torch.Tensor:
+        """The same sums with each distinct prompt computed once: a right-padded prefill of the distinct prompts
+        with the KV cache (its last position predicts each response's first token), then the responses but
+        their last tokens in cached forwards, each on a copy of the cache with its rows repeated per sample
+        (right-padded; the mask skips each prompt's padding; positions continue from each prompt's length).
+        Steering sees a prefill then a cached step, as in generation."""
+        device, pad = self.model.device, self.model.tokenizer.pad_token_id
+        distinct = list(dict.fromkeys(tuple(s.prompt) for s in batch))
+        row = {p: j for j, p in enumerate(distinct)}
+        of = torch.tensor([row[tuple(s.prompt)] for s in batch])
+        ids, pmask = pad_batch([list(p) for p in distinct], pad, side="right", device=device)
+        plen = torch.tensor([len(p) for p in distinct])
+        sums = torch.zeros(len(batch))
+        with torch.no_grad():
+            with sequence_layout(plen):
+                states, cache = self.states(input_ids=ids, attention_mask=pmask, use_cache=True)
+            sums += self.logprobs(states[of, plen[of] - 1], [s.response[0] for s in batch]).cpu()
+            for chunk in _similar_lengths([b for b, s in enumerate(batch) if len(s.response) > 1],
+                                          [len(s.response) - 1 for s in batch], self.max_rows):
+                conts = [batch[b].response[:-1] for b in chunk]
+                cids, cmask = pad_batch(conts, pad, side="right", device=device)
+                rows_of = of[chunk]
+                copied = copy.copy(cache) if len(chunk) == len(batch) else copy.deepcopy(cache)
+                copied.batch_select_indices(rows_of)
+                positions = plen[rows_of].to(device)[:, None] + torch.arange(cids.shape[1], device=device)[None, :]
+                states, _ = self.states(input_ids=cids, attention_mask=torch.cat([pmask[rows_of], cmask], dim=1),
+                                        position_ids=positions, use_cache=True, **{self.cache_key: copied})
+                r = torch.tensor([k for k, c in enumerate(conts) for _ in c], device=device)
+                c = torch.tensor([j for cont in conts for j in range(len(cont))], device=device)
+                lp = self.logprobs(states[r, c], [t for b in chunk for t in batch[b].response[1:]]).cpu()
+                sums.index_add_(0, torch.tensor(chunk)[r.cpu()], lp)
+        return sums
+
+
+def _similar_lengths(indices: Sequence[int], lengths: Sequence[int], max_rows: int, waste: float = 0.25
+                     ) -> list[list[int]]:
+    """`indices` longest first, cut into runs of at most `max_rows` whose padding to the run's longest stays
+    within `waste` of their tokens, so responses of very different lengths do not share one padded forward
+    (and forwards stay the size of a cache-free batch: on a CPU, larger ones cost more per token)."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    tokens = 0
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        if cur and (len(cur) >= max_rows or lengths[cur[0]] * (len(cur) + 1) > (1 + waste) * (tokens + lengths[i])):
+            out.append(cur)
+            cur, tokens = [], 0
+        cur.append(i)
+        tokens += lengths[i]
+    if cur:
+        out.append(cur)
     return out
