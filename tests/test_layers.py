@@ -42,6 +42,7 @@ from personavec.capture import Sample, capture_means, iter_reductions, read
 from personavec.chat import pad_batch
 from personavec.errors import LayerError
 from personavec.layers import block_output, check_layer, find_layers
+from personavec.likelihood import response_logprobs
 from personavec.models import Model, weight_fingerprint
 from personavec.steering import Positions, ablate, steer
 
@@ -273,6 +274,29 @@ def test_steer_while_capturing_matches_hand_written_hook(tiny: Model, positions:
     assert not torch.allclose(got["prompt" if positions == "prompt" else "response"],
                               plain["prompt" if positions == "prompt" else "response"], atol=1e-3)
     assert not torch.allclose(got["last_prompt"], plain["last_prompt"], atol=1e-3)
+
+
+@pytest.mark.parametrize("positions", [None, "response", "prompt"])
+def test_shared_prompts_score_as_whole_forwards(tiny: Model, positions: Positions | None) -> None:
+    """`response_logprobs` computes a shared prompt once (left-padded prefill, cached responses): the same
+    scores as one cache-free forward per sample on every architecture, sliding windows (Gemma 2's is 4 here,
+    shorter than the prompts) and steering included."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 3, 7)]
+    samples = [Sample(p, torch.randint(3, VOCAB, (r,), generator=g).tolist()) for p in prompts for r in (4, 1, 9)]
+    handle = steer(tiny, {2: _unit(4, 3.0)}, positions=positions) if positions else None
+    try:
+        whole = response_logprobs(tiny, samples, share_prompts=False)
+        for batch_size in (16, 2):
+            shared = response_logprobs(tiny, samples, batch_size=batch_size)
+            torch.testing.assert_close(torch.tensor(shared), torch.tensor(whole), atol=1e-5, rtol=1e-5,
+                                       msg=f"{tiny.model_id} {positions} batch {batch_size}")
+    finally:
+        if handle is not None:
+            handle.remove()
+    if positions == "response":
+        plain = response_logprobs(tiny, samples, share_prompts=False)
+        assert max(abs(a - b) for a, b in zip(plain, whole, strict=True)) > 1e-3  # type: ignore[operator]
 
 
 # 3. steering --------------------------------------------------------------------------------------------

@@ -146,22 +146,27 @@ class _Scorer:
         return torch.zeros(len(batch), device=lp.device).index_add_(0, r.to(lp.device), lp)
 
     def by_prompt(self, batch: Sequence[Sample]) -> torch.Tensor:
-        """The same sums with each distinct prompt computed once: a right-padded prefill of the distinct prompts
+        """The same sums with each distinct prompt computed once: a left-padded prefill of the distinct prompts
         with the KV cache (its last position predicts each response's first token), then the responses but
         their last tokens in cached forwards, each on a copy of the cache with its rows repeated per sample
-        (right-padded; the mask skips each prompt's padding; positions continue from each prompt's length).
-        Steering sees a prefill then a cached step, as in generation."""
+        (right-padded; positions continue from each prompt's length). Left padding keeps each prompt next to
+        its response in the cache, as in generation, so sliding-window attention sees the same tokens as in
+        a cache-free forward; steering sees a prefill then a cached step, as in generation."""
         device, pad = self.model.device, self.model.tokenizer.pad_token_id
         distinct = list(dict.fromkeys(tuple(s.prompt) for s in batch))
         row = {p: j for j, p in enumerate(distinct)}
         of = torch.tensor([row[tuple(s.prompt)] for s in batch])
-        ids, pmask = pad_batch([list(p) for p in distinct], pad, side="right", device=device)
+        ids, pmask = pad_batch([list(p) for p in distinct], pad, side="left", device=device)
         plen = torch.tensor([len(p) for p in distinct])
         sums = torch.zeros(len(batch))
         with torch.no_grad():
-            with sequence_layout(plen):
-                states, cache = self.states(input_ids=ids, attention_mask=pmask, use_cache=True)
-            sums += self.logprobs(states[of, plen[of] - 1], [s.response[0] for s in batch]).cpu()
+            # every row's prompt ends at the last column: 'response' steers that column, 'prompt' all of them
+            with sequence_layout(torch.full((len(distinct),), ids.shape[1])):
+                states, cache = self.states(input_ids=ids, attention_mask=pmask, use_cache=True,
+                                            position_ids=(pmask.cumsum(-1) - 1).clamp(min=0))
+            if not hasattr(cache, "batch_select_indices"):  # a cache this cannot repeat rows of
+                return self.whole(batch)
+            sums += self.logprobs(states[of, -1], [s.response[0] for s in batch]).cpu()
             for chunk in _similar_lengths([b for b, s in enumerate(batch) if len(s.response) > 1],
                                           [len(s.response) - 1 for s in batch], self.max_rows):
                 conts = [batch[b].response[:-1] for b in chunk]
