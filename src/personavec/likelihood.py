@@ -43,8 +43,8 @@ def response_logprobs(model: Model, samples: Sequence[Sample], *, batch_size: in
 
     Samples that share their prompt with another sample (a quiz item's choices, a question's reference
     answers, an answer scored under each system prompt of the contrast judge) are scored prompt-once: one
-    forward over each distinct prompt with the KV cache, then all their responses in one batch on that cache,
-    so the prompt's tokens are computed once instead of once per response. The others get one cache-free
+    forward over each distinct prompt with the KV cache, then their responses in length-sorted batches on that
+    cache, so the prompt's tokens are computed once instead of once per response. The others get one cache-free
     forward over prompt + response. Both give the same numbers up to floating-point rounding.
 
     Active steering hooks apply, so this also measures a steered model: named positions ("response",
@@ -53,8 +53,8 @@ def response_logprobs(model: Model, samples: Sequence[Sample], *, batch_size: in
     out: list[float | None] = [None] * len(samples)
     todo = [i for i, s in enumerate(samples) if s.response and s.prompt]
     uses = Counter(tuple(samples[i].prompt) for i in todo)
-    shared = [i for i in todo if share_prompts and uses[tuple(samples[i].prompt)] > 1]
-    alone = [i for i in todo if not (share_prompts and uses[tuple(samples[i].prompt)] > 1)]
+    is_shared = {i: share_prompts and uses[tuple(samples[i].prompt)] > 1 for i in todo}
+    shared, alone = [i for i in todo if is_shared[i]], [i for i in todo if not is_shared[i]]
     groups = [([alone[g] for g in group], False) for group in batches_by_length(
         [len(samples[i].prompt) + len(samples[i].response) for i in alone], max_tokens=max_tokens,
         max_batch=batch_size)]
