@@ -106,11 +106,9 @@ class _Scorer:
 
     def __init__(self, model: Model, max_rows: int) -> None:
         self.model, self.max_rows = model, max_rows
-        decoder = _decoder(model.hf)
-        head = model.hf.get_output_embeddings()
-        self.head = head
-        self.split = decoder is not None and head is not None
-        self.net: torch.nn.Module = decoder if decoder is not None and head is not None else model.hf
+        decoder, self.head = _decoder(model.hf), model.hf.get_output_embeddings()
+        self.split = decoder is not None and self.head is not None
+        self.net: torch.nn.Module = decoder if decoder is not None and self.head is not None else model.hf
         self.softcap = getattr(model.hf.config, "final_logit_softcapping", None)
         self.cache_key = cache_kwarg(self.net)
 
