@@ -112,6 +112,11 @@ def test_readings_agree_with_projection_and_likelihood(model: pv.Model) -> None:
     for k in (0, 2):
         assert projs[k] == pytest.approx(float(ref["response"][k]), abs=0.03 * scale)
         assert lps[k] == pytest.approx(full[k], abs=0.05)
+    # one continuation per batch reads the same as both in one padded batch
+    alone = prompt_readings(model, prompt, conts, dirs, "L15", batch_size=1)
+    assert alone[0] == pytest.approx(profile, abs=1e-4)
+    for k in (0, 2):
+        assert alone[1][k] == pytest.approx(lps[k], abs=1e-4) and alone[2][k] == pytest.approx(projs[k], abs=1e-3)
 
 
 def test_statistics() -> None:

@@ -59,7 +59,7 @@ def response_logprobs(model: Model, samples: Sequence[Sample], *, batch_size: in
         [len(samples[i].prompt) + len(samples[i].response) for i in alone], max_tokens=max_tokens,
         max_batch=batch_size)]
     groups += [(group, True) for group in _prompt_batches(samples, shared, max_tokens, batch_size)]
-    scorer = _Scorer(model, batch_size)
+    scorer = Scorer(model, batch_size)
     done = 0
     progress(task, 0, len(todo))
     for group, by_prompt in groups:
@@ -100,9 +100,10 @@ def _prompt_batches(samples: Sequence[Sample], todo: Sequence[int], max_tokens: 
     return out
 
 
-class _Scorer:
-    """The forwards `response_logprobs` runs: the decoder stack without the LM head where the model offers
-    that split (the head then runs only on positions that predict response tokens), else the whole model."""
+class Scorer:
+    """The forwards that score responses (here and in the monitor's readings): the decoder stack without the
+    LM head where the model offers that split (the head then runs only on positions that predict response
+    tokens), else the whole model."""
 
     def __init__(self, model: Model, max_rows: int) -> None:
         self.model, self.max_rows = model, max_rows
@@ -118,6 +119,7 @@ class _Scorer:
         return (out.last_hidden_state if self.split else out.logits), output_cache(out) if kwargs["use_cache"] else None
 
     def logprobs(self, states: torch.Tensor, targets: list[int]) -> torch.Tensor:
+        """Log-probability of each target token given the state (or logits) in the same row of `states`."""
         logits = (self.head(states) if self.head is not None and self.split else states).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -155,7 +157,6 @@ class _Scorer:
         row = {p: j for j, p in enumerate(distinct)}
         of = torch.tensor([row[tuple(s.prompt)] for s in batch])
         ids, pmask = pad_batch([list(p) for p in distinct], pad, side="left", device=device)
-        plen = torch.tensor([len(p) for p in distinct])
         sums = torch.zeros(len(batch))
         with torch.no_grad():
             # every row's prompt ends at the last column: 'response' steers that column, 'prompt' all of them
@@ -168,18 +169,36 @@ class _Scorer:
             for chunk in _similar_lengths([b for b, s in enumerate(batch) if len(s.response) > 1],
                                           [len(s.response) - 1 for s in batch], self.max_rows):
                 conts = [batch[b].response[:-1] for b in chunk]
-                cids, cmask = pad_batch(conts, pad, side="right", device=device)
-                rows_of = of[chunk]
-                copied = copy.copy(cache) if len(chunk) == len(batch) else copy.deepcopy(cache)
-                copied.batch_select_indices(rows_of)
-                positions = plen[rows_of].to(device)[:, None] + torch.arange(cids.shape[1], device=device)[None, :]
-                states, _ = self.states(input_ids=cids, attention_mask=torch.cat([pmask[rows_of], cmask], dim=1),
-                                        position_ids=positions, use_cache=True, **{self.cache_key: copied})
-                r = torch.tensor([k for k, c in enumerate(conts) for _ in c], device=device)
-                c = torch.tensor([j for cont in conts for j in range(len(cont))], device=device)
+                states = self.continued(cache, of[chunk], pmask, conts, last_use=len(chunk) == len(batch))
+                r, c = token_positions([len(cont) for cont in conts], device)
                 lp = self.logprobs(states[r, c], [t for b in chunk for t in batch[b].response[1:]]).cpu()
                 sums.index_add_(0, torch.tensor(chunk)[r.cpu()], lp)
         return sums
+
+    def continued(self, cache: Any, of: torch.Tensor, prompt_mask: torch.Tensor, conts: Sequence[list[int]], *,
+                  last_use: bool = False) -> torch.Tensor:
+        """States (or logits) of `conts` run on the prompts' KV cache, continuation k after prompt row of[k]:
+        on a copy of the cache with its rows repeated per continuation (the cache itself when this is its
+        last use), right-padded, positions continuing from each prompt's length (its unpadded tokens in
+        `prompt_mask`, the prefill's attention mask)."""
+        device = self.model.device
+        ids, mask = pad_batch(list(conts), self.model.tokenizer.pad_token_id, side="right", device=device)
+        rows = of.to(device)
+        copied = copy.copy(cache) if last_use else copy.deepcopy(cache)
+        copied.batch_select_indices(rows)
+        before = prompt_mask.to(device)[rows]
+        positions = before.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=device)[None, :]
+        states, _ = self.states(input_ids=ids, attention_mask=torch.cat([before, mask], dim=1),
+                                position_ids=positions, use_cache=True, **{self.cache_key: copied})
+        return states
+
+
+def token_positions(lengths: Sequence[int], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every token of rows of the given lengths, row by row: indexes a padded batch's
+    states down to its real tokens, so the LM head runs on those only."""
+    r = torch.tensor([k for k, n in enumerate(lengths) for _ in range(n)], dtype=torch.long, device=device)
+    c = torch.tensor([j for n in lengths for j in range(n)], dtype=torch.long, device=device)
+    return r, c
 
 
 def _similar_lengths(indices: Sequence[int], lengths: Sequence[int], max_rows: int, waste: float = 0.25

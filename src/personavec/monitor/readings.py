@@ -1,19 +1,18 @@
 """What is read for one monitored prompt: one forward with the KV cache gives the last prompt token's
 projections, and the continuations (reference answers, sampled answers) are scored in batches on copies of
-that cache."""
+that cache, through the same cached step as `likelihood.response_logprobs`."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..chat import encode_response, pad_batch
+from ..chat import encode_response
 from ..evaluate import EvalSettings, reference_answers
-from ..models import cache_kwarg, last_logits_kwargs, output_cache
+from ..likelihood import Scorer, token_positions
 from ..progress import Progress
 from ..projection import watch
 from ..traits import LoadedTrait
@@ -27,40 +26,37 @@ if TYPE_CHECKING:
 def prompt_readings(model: Model, prompt: list[int], continuations: Sequence[list[int]],
                     profile_dirs: dict[str, tuple[int, torch.Tensor]], main: str, *, batch_size: int = 8
                     ) -> tuple[list[float], list[float | None], list[float | None]]:
-    """One forward over the prompt with the KV cache, then the continuations in batches on copies of that cache
-    (right-padded, positions continuing from the prompt's length).
+    """One forward over the prompt with the KV cache, then the continuations in batches of `batch_size` on
+    copies of that cache (`Scorer.continued`: right-padded, positions continuing from the prompt's length);
+    the LM head runs only on the positions that predict continuation tokens.
 
     Returns (last-prompt-token projection on every direction of `profile_dirs`, mean log-probability per
     token of each continuation, response-mean projection of each continuation on direction `main`)."""
-    key = cache_kwarg(model.hf)
+    scorer = Scorer(model, batch_size)
     main_dir = {main: profile_dirs[main]}
-    device, n_prompt = model.device, len(prompt)
     lps: list[float | None] = [None] * len(continuations)
     projs: list[float | None] = [None] * len(continuations)
     kept = [k for k, c in enumerate(continuations) if c]
     with torch.no_grad():
         with watch(model, profile_dirs) as rec:
-            out = model.hf(input_ids=torch.tensor([prompt], device=device), use_cache=True,
-                           **last_logits_kwargs(model.hf))
+            states, cache = scorer.states(input_ids=torch.tensor([prompt], device=model.device), use_cache=True)
         profile = [float(x) for x in rec.steps[0][0, -1]]
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        cache = output_cache(out)
+        mask = torch.ones(1, len(prompt), dtype=torch.long, device=model.device)
         for start in range(0, len(kept), batch_size):
             rows = kept[start:start + batch_size]
-            ids, mask = pad_batch([continuations[k] for k in rows], model.tokenizer.pad_token_id, side="right",
-                                  device=device)
-            copied = copy.deepcopy(cache)  # the prompt's cache is reused by every batch
-            copied.batch_select_indices(torch.zeros(len(rows), dtype=torch.long))
-            positions = n_prompt + torch.arange(ids.shape[1], device=device)[None, :].expand(len(rows), -1)
+            conts = [continuations[k] for k in rows]
             with watch(model, main_dir) as cr:
-                logits = model.hf(input_ids=ids, position_ids=positions, use_cache=True, **{key: copied},
-                                  attention_mask=torch.cat([mask.new_ones(len(rows), n_prompt), mask], dim=1)
-                                  ).logits.float()
+                cont_states = scorer.continued(cache, torch.zeros(len(rows), dtype=torch.long), mask, conts)
+            # a continuation's first token is predicted by the prompt's last state, each later one by the
+            # continuation's own previous state
+            r, c = token_positions([len(cont) - 1 for cont in conts], model.device)
+            lp = torch.cat([scorer.logprobs(states[0, -1:].expand(len(rows), -1), [cont[0] for cont in conts]),
+                            scorer.logprobs(cont_states[r, c], [t for cont in conts for t in cont[1:]])]).cpu()
+            row_of = torch.cat([torch.arange(len(rows)), r.cpu()])
+            sums = torch.zeros(len(rows)).index_add_(0, row_of, lp)
             for row, k in enumerate(rows):
-                cont = continuations[k]
-                steps = torch.cat([first[None], torch.log_softmax(logits[row, :len(cont) - 1], dim=-1)])
-                lps[k] = float(steps.gather(1, torch.tensor(cont, device=steps.device)[:, None]).mean())
-                projs[k] = float(cr.steps[0][row, :len(cont), 0].mean())
+                lps[k] = float(sums[row]) / len(conts[row])
+                projs[k] = float(cr.steps[0][row, :len(conts[row]), 0].mean())
     return profile, lps, projs
 
 
