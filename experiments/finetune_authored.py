@@ -20,6 +20,11 @@ with perplexity ≤ 1.05 × the plain II finetune's, else the cheapest), then ru
 share and perplexity cost are reported on questions 10–19 with t intervals over seeds. Removal share =
 1 − (condition − normal) / (II − normal), each finetune compared with the normal and II finetunes of its seed.
 
+A grid extended after its results were seen (EXTENDED: sycophancy's preventative steering, 4 and 8) runs as
+its own method, `--methods prevent+`, and is reported beside the pre-set choice with that label:
+
+    .venv/bin/python experiments/finetune_authored.py --traits sycophantic --vaccine --methods prevent+ --controls
+
 Resumable: each finished finetune appends one row to runs.jsonl and is skipped on a rerun; `--fill` adds the
 quiz and the random-direction shift to rows from before they were measured (adapters in --work; it
 runs after the finetunes, and checks that the remeasured shift equals the stored one).
@@ -60,6 +65,20 @@ HALF_A, HALF_B = range(0, 10), range(10, 20)  # choose on A, report on B
 PPL_CAP = 1.05
 RANDOM_SEEDS = range(5)
 GRIDS: dict[str, tuple[float, ...]] = {"prevent": (0.5, 1.0, 2.0), "penalty": (0.1, 1.0), "infer": (0.5, 1.0, 2.0, 4.0)}
+#: Coefficients added to a method's grid AFTER its pre-set grid's results were seen, run as the method "<kind>+"
+#: (its own choice over the whole extended grid, its own seeds and control) and reported beside the pre-set
+#: choice, labelled as an extension. Sycophancy's preventative steering: removal on questions 0–9 still rose at
+#: the grid's top (0.5 → +0.02, 1 → +0.03, 2 → +0.06) with perplexity below the plain II finetune's (0.980).
+EXTENDED: dict[tuple[str, str], tuple[float, ...]] = {("sycophantic", "prevent"): (4.0, 8.0)}
+
+
+def conditions(trait: str, kind: str) -> list[str]:
+    """A method's grid as condition names: "caft" alone; "<kind>+" the pre-set grid plus EXTENDED's coefficients."""
+    if kind == "caft":
+        return ["caft"]
+    base = kind.removesuffix("+")
+    extra = EXTENDED.get((trait, base), ()) if kind.endswith("+") else ()
+    return [f"{base}:{c:g}" for c in (*GRIDS[base], *extra)]
 
 
 def t_interval(xs: list[float]) -> tuple[float, float, float]:
@@ -144,10 +163,10 @@ def removal(row: dict[str, Any], normal: dict[str, Any], plain: dict[str, Any], 
 
 
 def choose(rows: list[dict[str, Any]], kind: str, seed: int) -> str | None:
-    """The coefficient chosen on half A at `seed` (None until the whole grid is measured)."""
+    """The coefficient chosen on half A at `seed` (None until the whole grid is measured). Rows of one trait."""
     by = index(rows)
     normal, plain = by.get(("normal", "plain", seed)), by.get(("II", "plain", seed))
-    grid = [by.get(("II", f"{kind}:{c:g}", seed)) for c in GRIDS[kind]]
+    grid = [by.get(("II", cond, seed)) for cond in conditions(rows[0]["trait"], kind)]
     if normal is None or plain is None or any(g is None for g in grid):
         return None
     return vaccine_rule.choose([scored(g) for g in grid if g is not None], scored(normal), scored(plain),
@@ -169,8 +188,8 @@ def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: flo
         if kind == "caft":
             chosen: str | None = "caft"
         else:
-            for c in GRIDS[kind]:
-                ensure(f"{kind}:{c:g}", seeds[0])
+            for cond in conditions(bench.trait, kind):
+                ensure(cond, seeds[0])
             chosen = choose(list(done().values()), kind, seeds[0])
             print(f"{bench.trait} {kind}: chosen on questions 0–9 at seed {seeds[0]}: {chosen}", flush=True)
         assert chosen is not None
@@ -247,7 +266,7 @@ def main() -> None:
     ap.add_argument("--sets", default="normal,II")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--vaccine", action="store_true", help="run (c) on the II set after the plain finetunes")
-    ap.add_argument("--methods", default="infer,prevent,caft,penalty", help="--vaccine's methods, in order")
+    ap.add_argument("--methods", default="infer,prevent,caft,penalty", help="--vaccine's methods, in order; 'prevent+' is prevent over its EXTENDED grid")
     ap.add_argument("--controls", action="store_true",
                     help="--vaccine: each method's chosen setting again with a random direction (every seed)")
     ap.add_argument("--fill", action="store_true", help="measure quiz and random shift for older rows")
@@ -304,7 +323,8 @@ def fmt(ci: Sequence[float | None], digits: int = 4) -> str:
 
 
 def summarize(out: Path, rows: list[dict[str, Any]], dp_random: Path | None = None) -> None:
-    result: dict[str, Any] = {"settings": SETTINGS, "ppl_cap": PPL_CAP, "grids": GRIDS, "traits": {}}
+    result: dict[str, Any] = {"settings": SETTINGS, "ppl_cap": PPL_CAP, "grids": GRIDS,
+                              "extended_grids": {f"{t}:{k}": v for (t, k), v in EXTENDED.items()}, "traits": {}}
     lines = ["## Finetunes (plain)"]
     for trait in dict.fromkeys(r["trait"] for r in rows):
         lines += ["", "| trait | set | seeds | reference [95% t CI over seeds] | shift [95% t CI] | random-direction "
@@ -453,15 +473,17 @@ def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str
               "|---|---|---|---|---|---|---|---|---|"]
     res["mitigations"] = {}
     s0 = seeds[0]
-    for kind in ("prevent", "penalty", "infer", "caft"):
-        conds = [f"{kind}:{c:g}" for c in GRIDS[kind]] if kind in GRIDS else ["caft"]
+    for kind in ("prevent", "prevent+", "penalty", "infer", "caft"):
+        if kind.endswith("+") and (trait, kind.removesuffix("+")) not in EXTENDED:
+            continue
+        conds = conditions(trait, kind)
         grid = []
         for cond in conds:
             g, normal, plain = by.get(("II", cond, s0)), by.get(("normal", "plain", s0)), by.get(("II", "plain", s0))
             if g is not None and normal is not None and plain is not None:
                 grid.append(f"{cond.partition(':')[2] or 'caft'} → {removal(g, normal, plain, HALF_A):+.2f} "
                             f"({g['perplexity'] / plain['perplexity']:.3f})")
-        chosen = "caft" if kind == "caft" else choose(mine, kind, s0) if kind in GRIDS else None
+        chosen = "caft" if kind == "caft" else choose(mine, kind, s0)
         if chosen is None:
             continue
         runs = {key: scored(r) for key, r in by.items()}
@@ -490,7 +512,8 @@ def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str
             control_cells = (f"{fmt(interval_of(m.control), 2)}{one} ({1 + (m.control_ppl_cost.mean or 0):.3f}) | "
                              f"{fmt(interval_of(m.beyond_control), 2)} ({m.beyond_control.n} seeds)")
         res["mitigations"][kind] = entry
-        lines.append(f"| {kind} | {'; '.join(grid)} | {chosen} | {n} | "
+        label = f"{kind.removesuffix('+')}, grid extended after its results" if kind.endswith("+") else kind
+        lines.append(f"| {label} | {'; '.join(grid)} | {chosen} | {n} | "
                      f"{fmt(entry['removal_half_b'], 2) if n > 1 else f'{rem[0]:+.2f} (one seed)'} | "
                      f"{fmt(ratio, 3) if n > 1 else f'{ratio[0]:.3f} (one seed)'} | "
                      f"{'–' if entry['quiz_change'] is None else format(entry['quiz_change'], '+.3f')} | "
