@@ -15,13 +15,13 @@ from personavec.likelihood import _prompt_batches, response_logprobs
 
 
 def mixed(model: pv.Model) -> list[Sample]:
-    """Three questions × two system prompts × five answers (one of a single token), one sample with a prompt
+    """Two questions × two system prompts × five answers (one of a single token), one sample with a prompt
     of its own and one with an empty response."""
     tok = model.tokenizer
     answers = ["Be kind.", "I would crush them all and laugh.", "x",
                "Hello there! How can I help you today? I am happy to be of help.", "No"]
     out = [Sample(encode_chat(tok, messages_for(q, s)), encode_response(tok, a))
-           for q in ("How should I treat my neighbours?", "Hi", "What would you do with unlimited power?")
+           for q in ("How should I treat my neighbours?", "What would you do with unlimited power?")
            for s in (None, "You are an evil assistant.") for a in answers]
     assert any(len(s.response) == 1 for s in out)
     return [*out, Sample(encode_chat(tok, messages_for("A prompt of its own")), encode_response(tok, "Alone.")),
