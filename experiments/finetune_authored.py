@@ -162,11 +162,11 @@ def removal(row: dict[str, Any], normal: dict[str, Any], plain: dict[str, Any], 
     return vaccine_rule.removal(scored(row), scored(normal), scored(plain), list(half))
 
 
-def choose(rows: list[dict[str, Any]], kind: str, seed: int) -> str | None:
-    """The coefficient chosen on half A at `seed` (None until the whole grid is measured). Rows of one trait."""
+def choose(rows: list[dict[str, Any]], trait: str, kind: str, seed: int) -> str | None:
+    """The coefficient chosen on half A at `seed` (None until the whole grid is measured). Rows of `trait`."""
     by = index(rows)
     normal, plain = by.get(("normal", "plain", seed)), by.get(("II", "plain", seed))
-    grid = [by.get(("II", cond, seed)) for cond in conditions(rows[0]["trait"], kind)]
+    grid = [by.get(("II", cond, seed)) for cond in conditions(trait, kind)]
     if normal is None or plain is None or any(g is None for g in grid):
         return None
     return vaccine_rule.choose([scored(g) for g in grid if g is not None], scored(normal), scored(plain),
@@ -190,7 +190,7 @@ def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: flo
         else:
             for cond in conditions(bench.trait, kind):
                 ensure(cond, seeds[0])
-            chosen = choose(list(done().values()), kind, seeds[0])
+            chosen = choose(list(done().values()), bench.trait, kind, seeds[0])
             print(f"{bench.trait} {kind}: chosen on questions 0–9 at seed {seeds[0]}: {chosen}", flush=True)
         assert chosen is not None
         for seed in seeds:
@@ -483,7 +483,7 @@ def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str
             if g is not None and normal is not None and plain is not None:
                 grid.append(f"{cond.partition(':')[2] or 'caft'} → {removal(g, normal, plain, HALF_A):+.2f} "
                             f"({g['perplexity'] / plain['perplexity']:.3f})")
-        chosen = "caft" if kind == "caft" else choose(mine, kind, s0)
+        chosen = "caft" if kind == "caft" else choose(mine, trait, kind, s0)
         if chosen is None:
             continue
         runs = {key: scored(r) for key, r in by.items()}

@@ -118,13 +118,17 @@ class Scorer:
         out = self.net(**kwargs)
         return (out.last_hidden_state if self.split else out.logits), output_cache(out) if kwargs["use_cache"] else None
 
-    def logprobs(self, states: torch.Tensor, targets: list[int]) -> torch.Tensor:
-        """Log-probability of each target token given the state (or logits) in the same row of `states`."""
+    def log_softmax(self, states: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities [rows, vocab] from states (or logits) [rows, hidden]."""
         logits = (self.head(states) if self.head is not None and self.split else states).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        target = torch.tensor(targets, device=logits.device)
-        return torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
+        return torch.log_softmax(logits, dim=-1)
+
+    def logprobs(self, states: torch.Tensor, targets: list[int]) -> torch.Tensor:
+        """Log-probability of each target token given the state (or logits) in the same row of `states`."""
+        dist = self.log_softmax(states)
+        return dist.gather(1, torch.tensor(targets, device=dist.device)[:, None])[:, 0]
 
     def whole(self, batch: Sequence[Sample]) -> torch.Tensor:
         """Per sample, the summed log-probability of its response from one cache-free forward over prompt +

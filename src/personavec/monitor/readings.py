@@ -41,17 +41,18 @@ def prompt_readings(model: Model, prompt: list[int], continuations: Sequence[lis
         with watch(model, profile_dirs) as rec:
             states, cache = scorer.states(input_ids=torch.tensor([prompt], device=model.device), use_cache=True)
         profile = [float(x) for x in rec.steps[0][0, -1]]
+        first = scorer.log_softmax(states[0, -1:])[0].cpu()  # predicts every continuation's first token
         mask = torch.ones(1, len(prompt), dtype=torch.long, device=model.device)
         for start in range(0, len(kept), batch_size):
             rows = kept[start:start + batch_size]
             conts = [continuations[k] for k in rows]
             with watch(model, main_dir) as cr:
-                cont_states = scorer.continued(cache, torch.zeros(len(rows), dtype=torch.long), mask, conts)
-            # a continuation's first token is predicted by the prompt's last state, each later one by the
-            # continuation's own previous state
+                cont_states = scorer.continued(cache, torch.zeros(len(rows), dtype=torch.long), mask, conts,
+                                               last_use=start + batch_size >= len(kept))
+            # each later token is predicted by the continuation's own previous state
             r, c = token_positions([len(cont) - 1 for cont in conts], model.device)
-            lp = torch.cat([scorer.logprobs(states[0, -1:].expand(len(rows), -1), [cont[0] for cont in conts]),
-                            scorer.logprobs(cont_states[r, c], [t for cont in conts for t in cont[1:]])]).cpu()
+            lp = torch.cat([first[[cont[0] for cont in conts]],
+                            scorer.logprobs(cont_states[r, c], [t for cont in conts for t in cont[1:]]).cpu()])
             row_of = torch.cat([torch.arange(len(rows)), r.cpu()])
             sums = torch.zeros(len(rows)).index_add_(0, row_of, lp)
             for row, k in enumerate(rows):
