@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from filelock import FileLock
 
 import personavec as pv
 import personavec.cli._common
@@ -74,20 +73,19 @@ def model32() -> Iterator[pv.Model]:
     yield from _shared(pv.load_model(dtype="float32"))
 
 
+#: An evil vector this model's extraction produced (experiments/out/steering_response/evil.extract: 10
+#: questions, 48-token rollouts), committed beside the monitoring experiment.
+EVIL_VECTOR = Path(__file__).resolve().parents[1] / "experiments" / "out" / "monitor_eval" / "evil.pv.safetensors"
+
+
 @pytest.fixture(scope="session")
-def evil_run(model: pv.Model, tmp_path_factory: pytest.TempPathFactory) -> tuple[pv.PersonaVector, Path]:
-    """An evil vector extracted once per test session on a small budget, with its run folder (tests only read
-    it). Under `make test` the pytest-xdist workers share it: the first to ask extracts into their common
-    temporary folder, under a file lock, and the others load the vector it saved there, so the session pays
-    for one extraction, not one per worker."""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the session's folder above each worker's own
-    run = shared / "evil.run"
-    with FileLock(str(shared / "evil.run.lock")):
-        if (run / "vector.pv.safetensors").is_file():
-            return pv.load_vector(run / "vector.pv.safetensors"), run
-        return pv.extract(model, "evil", run_dir=run, n_questions=5, max_new_tokens=32), run
+def evil_vector() -> pv.PersonaVector:
+    """The committed evil vector as a fresh extraction leaves it: its tensors and extraction metadata, without
+    the sweep's layer choice and the monitor's calibration that later runs wrote into the file. Extracting one
+    per session cost about 70 s of the suite; `test_extract.py` runs the extraction itself."""
+    vec = pv.load_vector(EVIL_VECTOR)
+    later = ("best_coef", "best_layer", "coherence_min", "monitor", "sweep_judge", "sweep_run")
+    return pv.PersonaVector(vec.tensors, {k: v for k, v in vec.meta.items() if k not in later})
 
 
 # ---- the command line, in-process ------------------------------------------------------------------------

@@ -87,10 +87,10 @@ def test_per_item_accuracy_is_the_projects_own_likelihood(model: pv.Model, loade
 
 
 def test_steering_every_position_moves_the_items(model: pv.Model, loaded: lm_eval_tasks.LoadedTasks,
-                                                 evil_run: tuple[pv.PersonaVector, Path]) -> None:
+                                                 evil_vector: pv.PersonaVector) -> None:
     """Under `vec.steer(..., positions="all")` lm-eval scores the steered model: the same numbers as the
     project's likelihood under the same hooks, and far from the unsteered ones."""
-    vec = evil_run[0]
+    vec = evil_vector
     plain = run_tasks(model, loaded, batch_size=2).tasks[TASK].loglikelihoods
     with vec.steer(model, coef=COEF, positions="all"):
         steered = run_tasks(model, loaded, batch_size=2).tasks[TASK].loglikelihoods
@@ -140,10 +140,10 @@ def stage_context(model: pv.Model, vec: pv.PersonaVector, folder: Path, tasks: s
                    results={"extract": extracted, "sweep": chosen})
 
 
-def test_stage_records_lm_eval_items_and_intervals(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path],
+def test_stage_records_lm_eval_items_and_intervals(model: pv.Model, evil_vector: pv.PersonaVector,
                                                    task_dir: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    vec = evil_run[0]
+    vec = evil_vector
     ctx = stage_context(model, vec, tmp_path / "run", TASK, task_dir)
     res = stage.run_capability(ctx)
     assert res.lm_eval_skipped == "" and res.lm_eval_tasks == (TASK,)
@@ -186,11 +186,11 @@ def test_stage_records_lm_eval_items_and_intervals(model: pv.Model, evil_run: tu
                 if t.value != "skipped: x"]
 
 
-def test_stage_skips_missing_tasks_in_one_line(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path],
+def test_stage_skips_missing_tasks_in_one_line(model: pv.Model, evil_vector: pv.PersonaVector,
                                                task_dir: Path, tmp_path: Path) -> None:
     """An unknown task (the same path as data that cannot be loaded): skipped with the reason, measured once
     (not again per trait), while perplexity and the quiz are measured as always."""
-    ctx = stage_context(model, evil_run[0], tmp_path / "run", "no_such_task_xyz", task_dir)
+    ctx = stage_context(model, evil_vector, tmp_path / "run", "no_such_task_xyz", task_dir)
     res = stage.run_capability(ctx)
     assert res.lm_eval_skipped.startswith("lm-eval has no task named 'no_such_task_xyz'")
     assert "\n" not in res.lm_eval_skipped

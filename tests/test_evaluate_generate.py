@@ -33,10 +33,10 @@ CONDITIONS = [Condition(None, 0.0), Condition(18, -1.0), Condition(18, 1.0)]
 
 
 @pytest.fixture(scope="module")
-def both(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path],
+def both(model: pv.Model, evil_vector: pv.PersonaVector,
          tmp_path_factory: pytest.TempPathFactory) -> dict[bool, tuple[list[Cell], Path]]:
     """The same evaluation (own vector and a random control, steered at layer 18) with and without answers."""
-    vec, _ = evil_run
+    vec = evil_vector
     root = tmp_path_factory.mktemp("generate")
     out = {}
     for generate in (True, False):
@@ -74,9 +74,9 @@ def test_same_measure_without_answers(both: dict[bool, tuple[list[Cell], Path]])
     assert [r["trait_mean"] for r in rows] == pytest.approx([c.trait_mean for c in without_cells], rel=1e-5)
 
 
-def test_run_identity(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path],
+def test_run_identity(model: pv.Model, evil_vector: pv.PersonaVector,
                       both: dict[bool, tuple[list[Cell], Path]]) -> None:
-    vec, _ = evil_run
+    vec = evil_vector
     (_, with_run), (without_cells, without_run) = both[True], both[False]
     # generate=True keeps the identity of folders written before the setting existed: no key at all
     assert "generate" not in json.loads((with_run / "manifest.json").read_text())["settings"]

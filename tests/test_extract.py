@@ -1,5 +1,6 @@
-"""The extraction pipeline on the real embedded model: shapes, provenance, resume, and that the vector
-steers the trait on evaluation questions it never saw."""
+"""The extraction pipeline on the real embedded model: shapes, provenance and resume; and that steering with
+an evil vector it extracted (the committed one the session shares) moves the answers to evaluation questions
+it never saw along the vector."""
 
 from __future__ import annotations
 
@@ -7,52 +8,43 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import personavec as pv
-from personavec.chat import messages_for
+from personavec.capture import Sample
+from personavec.chat import encode_chat, messages_for
 from personavec.errors import PersonavecError, RunError
+from personavec.generation import generate_ids
 from personavec.io import read_jsonl
-from personavec.judges import ContrastJudge, JudgeItem
+from personavec.projection import project
 
 
-def test_vector_shape_and_provenance(model: pv.Model, evil_run) -> None:
-    vec, run = evil_run
-    assert set(vec.tensors) == {"response", "prompt", "last_prompt"}
-    for t in vec.tensors.values():
-        assert tuple(t.shape) == (model.n_layers + 1, model.hidden_size)
-    meta = vec.meta
-    assert meta["fingerprint"] == model.fingerprint and meta["trait"] == "evil"
-    assert meta["trait_sha256"] == pv.load_trait("evil").sha256
-    assert meta["judge"] == "contrast" and meta["threshold"] == 0.0
-    c = meta["counts"]
-    assert c["positive_total"] == c["negative_total"] == 25
-    assert 0 < c["positive_kept"] <= 25 and 0 < c["negative_kept"] <= 25
-    # the run folder holds every rollout and score, keyed, plus a manifest
-    rows = read_jsonl(run / "rollouts.jsonl")
-    scores = {r["key"]: r["score"] for r in read_jsonl(run / "scores.jsonl")}
-    assert len(rows) == 50 and set(scores) == {r["key"] for r in rows}
-    assert json.loads((run / "manifest.json").read_text())["kind"] == "extract"
-    assert (run / "vector.pv.safetensors").exists()
-
-
-def _mean_contrast(model: pv.Model, judge: ContrastJudge, questions: list[str]) -> float:
-    answers = pv.generate(model, [messages_for(q) for q in questions], max_new_tokens=40)
-    scores = judge.score_batch([JudgeItem(q, a) for q, a in zip(questions, answers, strict=True)], rubric="")
-    assert all(s is not None for s in scores)
-    return sum(scores) / len(scores)  # type: ignore[arg-type]
+def _answer_readings(model: pv.Model, vec: pv.PersonaVector, steer_with: pv.PersonaVector, coef: float,
+                     prompts: list[list[int]], layer: int) -> torch.Tensor:
+    """Answers generated under `steer_with` at `coef`, then read unsteered: their mean response activation at
+    `layer`, projected on the evil vector's unit direction (one value per answer)."""
+    with steer_with.steer(model, coef=coef, layer=layer):
+        answers = generate_ids(model, prompts, max_new_tokens=40)
+    samples = [Sample(prompt=p, response=a) for p, a in zip(prompts, answers, strict=True)]
+    return project(model, samples, {"evil": vec}, layers=layer)["evil"]["response"]
 
 
 @pytest.mark.slow
-def test_steering_moves_the_trait_on_evaluation_questions(model: pv.Model, evil_run) -> None:
-    vec, _ = evil_run
-    trait = pv.load_trait("evil").trait
-    questions = trait.evaluation_questions[:10]  # never used for extraction
-    judge = ContrastJudge(model, trait.pairs)
-    scores = {}
-    for coef in (-2.0, 0.0, 2.0):
-        with vec.steer(model, coef=coef):
-            scores[coef] = _mean_contrast(model, judge, questions)
-    assert scores[-2.0] < scores[0.0] < scores[2.0], scores
+def test_steering_moves_the_answers_along_the_vector(model: pv.Model, evil_vector: pv.PersonaVector) -> None:
+    """What steering writes, not what it does to the activations while it writes: answers to evaluation
+    questions (never used for extraction) generated at −2 / 0 / +2 read, unsteered, in that order along the
+    vector, and a random direction of the same per-layer norm moves them less than a third as far. (Judging
+    these 40-token answers with the contrast judge was tried and is too noisy: with this vector its means
+    were not ordered at ±2 or ±4 on layers 14, 18 or 22; `test_reference.py` checks the trait itself with
+    the authored reference answers.)"""
+    questions = pv.load_trait("evil").trait.evaluation_questions[:10]
+    prompts = [encode_chat(model.tokenizer, messages_for(q)) for q in questions]
+    own = {c: float(_answer_readings(model, evil_vector, evil_vector, c, prompts, 18).mean())
+           for c in (-2.0, 0.0, 2.0)}
+    rnd = pv.random_like(evil_vector, 0)
+    ctrl = {c: float(_answer_readings(model, evil_vector, rnd, c, prompts, 18).mean()) for c in (-2.0, 2.0)}
+    assert own[-2.0] < own[0.0] < own[2.0], own
+    assert own[2.0] - own[-2.0] > 3 * abs(ctrl[2.0] - ctrl[-2.0]), (own, ctrl)
 
 
 def test_interrupted_run_resumes_without_redoing_work(model: pv.Model, tmp_path: Path) -> None:
@@ -74,6 +66,21 @@ def test_interrupted_run_resumes_without_redoing_work(model: pv.Model, tmp_path:
     assert rows[:8] == first  # finished work kept as it was
     assert min(d for t, d, _ in seen if t == "rollouts") >= 8  # progress restarted from the checkpoint
     assert vec.meta["counts"]["positive_total"] == 10
+    # the vector's shape and provenance; the run folder holds every rollout and score, keyed, plus a manifest
+    assert set(vec.tensors) == {"response", "prompt", "last_prompt"}
+    for t in vec.tensors.values():
+        assert tuple(t.shape) == (model.n_layers + 1, model.hidden_size)
+    meta = vec.meta
+    assert meta["fingerprint"] == model.fingerprint and meta["trait"] == "evil"
+    assert meta["trait_sha256"] == pv.load_trait("evil").sha256
+    assert meta["judge"] == "contrast" and meta["threshold"] == 0.0
+    c = meta["counts"]
+    assert c["positive_total"] == c["negative_total"] == 10
+    assert 0 < c["positive_kept"] <= 10 and 0 < c["negative_kept"] <= 10
+    scores = {r["key"]: r["score"] for r in read_jsonl(run / "scores.jsonl")}
+    assert set(scores) == {r["key"] for r in rows}
+    assert json.loads((run / "manifest.json").read_text())["kind"] == "extract"
+    assert (run / "vector.pv.safetensors").exists()
     # a third call finds everything done: no new rows at all
     pv.extract(model, "evil", **kwargs)
     assert len(read_jsonl(run / "rollouts.jsonl")) == 20 and len(read_jsonl(run / "scores.jsonl")) == 20

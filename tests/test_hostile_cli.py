@@ -38,10 +38,10 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture()
-def files(tmp_path: Path, evil_run: tuple[pv.PersonaVector, Path]) -> dict[str, Path]:
+def files(tmp_path: Path, evil_vector: pv.PersonaVector) -> dict[str, Path]:
     """One of each input kind: a vector, a second vector, a trait file, a dataset, a text file, a folder of
     authored sets, a reference-implementation trait JSON, and two vector files already made (results)."""
-    vec = evil_run[0]
+    vec = evil_vector
     f = {"vec": tmp_path / "evil.pv.safetensors", "vec2": tmp_path / "other.pv.safetensors",
          "trait": tmp_path / "mine.yaml", "data": tmp_path / "data.jsonl", "text": tmp_path / "questions.txt",
          "sets": tmp_path / "sets", "ref": tmp_path / "ref.json", "made": tmp_path / "made.pv.safetensors"}
@@ -196,14 +196,14 @@ def test_append_after_a_torn_line_starts_fresh_and_the_reader_counts_it(tmp_path
     assert path.read_bytes().endswith(b"\n")
 
 
-def test_screen_resumed_after_a_torn_chunk_record_loses_no_row(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path],
+def test_screen_resumed_after_a_torn_chunk_record_loses_no_row(model: pv.Model, evil_vector: pv.PersonaVector,
                                                               tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
                                                      {"role": "assistant", "content": f"Answer {i}."}]}) + "\n"
                             for i in range(6)))
     before = digest(data)
-    vec = evil_run[0]
+    vec = evil_vector
     whole = screen(model, data, [vec], tmp_path / "whole.csv", fast=True, chunk_size=2)
     out, run = tmp_path / "s.csv", tmp_path / "s.run"
     screen(model, data, [vec], out, fast=True, chunk_size=2, run_dir=run)
@@ -220,7 +220,7 @@ def test_screen_resumed_after_a_torn_chunk_record_loses_no_row(model: pv.Model, 
     assert digest(data) == before
 
 
-def test_screen_refuses_to_report_a_run_missing_rows(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path],
+def test_screen_refuses_to_report_a_run_missing_rows(model: pv.Model, evil_vector: pv.PersonaVector,
                                                       tmp_path: Path) -> None:
     """If records were lost some other way, the gather says so instead of reporting fewer rows as complete."""
     from personavec.screening.dataset import _gather
@@ -228,7 +228,7 @@ def test_screen_refuses_to_report_a_run_missing_rows(model: pv.Model, evil_run: 
 
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps(CONV) + "\n" + json.dumps(CONV) + "\n")
-    screen(model, data, [evil_run[0]], tmp_path / "s.csv", fast=True, chunk_size=1)
+    screen(model, data, [evil_vector], tmp_path / "s.csv", fast=True, chunk_size=1)
     chunks = tmp_path / "s.csv.run" / "chunks.jsonl"
     chunks.write_text(chunks.read_text().splitlines()[0] + "\n")
     with pytest.raises(pv.PersonavecError, match="hold 1 of 2 rows"):
@@ -283,7 +283,7 @@ def test_a_torn_trainer_state_is_incomplete(tmp_path: Path) -> None:
 
 
 
-def test_a_huge_jsonl_row_is_rejected_without_reading_it_whole(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path],
+def test_a_huge_jsonl_row_is_rejected_without_reading_it_whole(model: pv.Model, evil_vector: pv.PersonaVector,
                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Memory on a single huge row: screening holds at most MAX_ROW_BYTES of one line (lowered here)."""
     import io
@@ -297,7 +297,7 @@ def test_a_huge_jsonl_row_is_rejected_without_reading_it_whole(model: pv.Model, 
     data = tmp_path / "data.jsonl"
     huge = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "y" * 5000}]}
     data.write_text(json.dumps(CONV) + "\n" + json.dumps(huge) + "\n" + json.dumps(CONV) + "\n")
-    res = screen(model, data, [evil_run[0]], tmp_path / "s.csv", fast=True, threshold=100.0,
+    res = screen(model, data, [evil_vector], tmp_path / "s.csv", fast=True, threshold=100.0,
                  filtered_out=tmp_path / "kept.jsonl")
     size = len(json.dumps(huge)) + 1
     assert res.summary.scored == 2

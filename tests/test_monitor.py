@@ -35,9 +35,9 @@ TINY = MonitorSettings(n_questions=1, max_new_tokens=4, shots=(0, 2), shot_token
 
 
 @pytest.fixture(scope="module")
-def tiny_run(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path],
+def tiny_run(model: pv.Model, evil_vector: pv.PersonaVector,
              tmp_path_factory: pytest.TempPathFactory) -> tuple[MonitorSummary, Path, list[str]]:
-    vec, _ = evil_run
+    vec = evil_vector
     folder = tmp_path_factory.mktemp("monitor") / "evil.monitor"
     tasks: list[str] = []
     result = monitor_eval(model, "evil", vec, settings=TINY, run_dir=folder,
@@ -79,9 +79,9 @@ def test_points_measures_and_outputs(tiny_run: tuple[MonitorSummary, Path, list[
 
 
 def test_rerun_resumes_and_refuses_other_settings(tiny_run: tuple[MonitorSummary, Path, list[str]], model: pv.Model,
-                                                  evil_run: tuple[pv.PersonaVector, Path]) -> None:
+                                                  evil_vector: pv.PersonaVector) -> None:
     result, folder, _ = tiny_run
-    vec, _ = evil_run
+    vec = evil_vector
     lines = (folder / "points.jsonl").read_text()
     tasks: list[str] = []
     again = monitor_eval(model, "evil", vec, settings=TINY, run_dir=folder,
@@ -139,10 +139,10 @@ def test_statistics() -> None:
     assert cal.balanced_accuracy == 1.0 and cal.heldout_balanced_accuracy == 1.0 and cal.n_expressing == 3
 
 
-def test_store_calibration(tiny_run: tuple[MonitorSummary, Path, list[str]], evil_run: tuple[pv.PersonaVector, Path],
+def test_store_calibration(tiny_run: tuple[MonitorSummary, Path, list[str]], evil_vector: pv.PersonaVector,
                            tmp_path: Path) -> None:
     result, _, _ = tiny_run
-    vec, _ = evil_run
+    vec = evil_vector
     src = vec.save(tmp_path / "evil.pv.safetensors")
     before = src.read_bytes()
     copy = store_calibration(src, result, tmp_path / "calibrated.pv.safetensors")
@@ -158,8 +158,8 @@ def test_store_calibration(tiny_run: tuple[MonitorSummary, Path, list[str]], evi
         store_calibration(tmp_path / "other.pv.safetensors", result)
 
 
-def test_bad_inputs(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path]) -> None:
-    vec, _ = evil_run
+def test_bad_inputs(model: pv.Model, evil_vector: pv.PersonaVector) -> None:
+    vec = evil_vector
     loaded = load_trait("evil")
     bare = LoadedTrait(loaded.trait.model_copy(update={"graded_prompts": []}), loaded.source, loaded.sha256)
     with pytest.raises(TraitError, match="graded_prompts"):
@@ -173,9 +173,9 @@ def test_bad_inputs(model: pv.Model, evil_run: tuple[pv.PersonaVector, Path]) ->
 
 
 def test_cli_resumes_and_writes_threshold(cli: Cli, tiny_run: tuple[MonitorSummary, Path, list[str]],
-                                          evil_run: tuple[pv.PersonaVector, Path], tmp_path: Path) -> None:
+                                          evil_vector: pv.PersonaVector, tmp_path: Path) -> None:
     result, folder, _ = tiny_run
-    vec, _ = evil_run
+    vec = evil_vector
     path = vec.save(tmp_path / "evil.pv.safetensors")
     run_dir = tmp_path / "run"
     shutil.copytree(folder, run_dir)  # a finished run: the command only reads, prints and writes the threshold

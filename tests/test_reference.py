@@ -25,8 +25,8 @@ def test_halves_are_disjoint_and_cover_the_questions() -> None:
         EvalSettings(half="middle").validate()
 
 
-def test_random_control_matches_norm_and_is_seeded(evil_run) -> None:
-    vec, _ = evil_run
+def test_random_control_matches_norm_and_is_seeded(evil_vector) -> None:
+    vec = evil_vector
     r0, r0b, r1 = random_like(vec, 0), random_like(vec, 0), random_like(vec, 1)
     for pos in vec.tensors:
         assert torch.allclose(r0.tensors[pos].norm(dim=1), vec.tensors[pos].float().norm(dim=1), rtol=1e-4)
@@ -38,8 +38,8 @@ def test_random_control_matches_norm_and_is_seeded(evil_run) -> None:
     assert torch.allclose(other.tensors["response"].norm(dim=1), vec.tensors["response"].float().norm(dim=1), rtol=1e-4)
 
 
-def test_make_controls_names_and_errors(evil_run, tmp_path: Path) -> None:
-    vec, _ = evil_run
+def test_make_controls_names_and_errors(evil_vector, tmp_path: Path) -> None:
+    vec = evil_vector
     path = random_like(vec, 9).with_meta(trait="impolite").save(tmp_path / "imp.pv.safetensors")
     ctrls = make_controls(["random", "random:3", str(path)], vec)
     assert list(ctrls) == ["random0", "random3", "impolite"]
@@ -58,10 +58,10 @@ def test_measure_resolution() -> None:
         reference_measure(None, bare)  # type: ignore[arg-type]
 
 
-def test_reference_measure_follows_the_vector_not_a_random_direction(model: pv.Model, evil_run) -> None:
+def test_reference_measure_follows_the_vector_not_a_random_direction(model: pv.Model, evil_vector) -> None:
     """On held-out evaluation questions the measure rises with +coef and falls with −coef; a random
     direction of the same per-layer norm moves it far less."""
-    vec, _ = evil_run
+    vec = evil_vector
     trait = pv.load_trait("evil").trait
     layer, c = 14, 4.0
     base = reference_measure(model, trait, HELD_OUT)

@@ -67,8 +67,8 @@ def read_scores(path: Path) -> dict[str, list[Any]]:
 
 
 @pytest.fixture(scope="module")
-def vec(evil_run: tuple[pv.PersonaVector, Path]) -> pv.PersonaVector:
-    return evil_run[0]
+def vec(evil_vector: pv.PersonaVector) -> pv.PersonaVector:
+    return evil_vector
 
 
 @pytest.fixture(scope="module")

@@ -51,11 +51,11 @@ def running(app: Any) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def vectors(evil_run: tuple[pv.PersonaVector, Path]) -> dict[str, pv.PersonaVector]:
+def vectors(evil_vector: pv.PersonaVector) -> dict[str, pv.PersonaVector]:
     """The session's evil vector as is (no calibration), a copy calibrated by hand at another layer with a
     prompt threshold every reading crosses, and one whose only crossable threshold is the response one
     (the keys `monitor-eval` writes)."""
-    vec, _ = evil_run
+    vec = evil_vector
     return {"evil": vec, "evil_calibrated": vec.with_meta(monitor={"layer": 10, "threshold": -1e6}),
             "evil_response": vec.with_meta(monitor={"threshold": 1e6, "response_threshold": -1e6}),
             "evil_high": vec.with_meta(monitor={"threshold": 1e6})}
@@ -592,7 +592,7 @@ def test_steered_model_specs(model: pv.Model, vectors: dict[str, pv.PersonaVecto
             create_app(model, vectors, ServeSettings(steered_models=steered))
 
 
-def test_cli_serve(evil_run: tuple[pv.PersonaVector, Path], tmp_path: Path) -> None:
+def test_cli_serve(evil_vector: pv.PersonaVector, tmp_path: Path) -> None:
     """The real command in a subprocess: bad vector file → one error line and exit 2; then a served
     model answers /v1/models with the key from the environment."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
@@ -600,7 +600,7 @@ def test_cli_serve(evil_run: tuple[pv.PersonaVector, Path], tmp_path: Path) -> N
     bad = subprocess.run([*cmd, "--vector", str(tmp_path / "missing.pv.safetensors")], capture_output=True,
                          text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
-    path = evil_run[0].save(tmp_path / "evil.pv.safetensors")
+    path = evil_vector.save(tmp_path / "evil.pv.safetensors")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -619,7 +619,7 @@ def test_cli_serve(evil_run: tuple[pv.PersonaVector, Path], tmp_path: Path) -> N
                 assert time.monotonic() < deadline, "personavec serve did not start"
                 time.sleep(0.5)
         listed = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0).models.list().data
-        assert listed[0].model_extra["persona_vectors"]["evil"]["layer"] == evil_run[0].layer
+        assert listed[0].model_extra["persona_vectors"]["evil"]["layer"] == evil_vector.layer
         assert httpx.get(url + "/models").status_code == 401
     finally:
         proc.send_signal(signal.SIGINT)

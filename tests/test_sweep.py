@@ -18,7 +18,7 @@ from personavec.io import read_jsonl
 from personavec.report import write_report
 from personavec.sweep import choose, default_layers, sweep
 
-TINY = EvalSettings(n_questions=3, max_new_tokens=16, n_reference=4)
+TINY = EvalSettings(n_questions=3, max_new_tokens=8, n_reference=4)  # nothing below reads what an answer says
 
 
 def test_default_grid_is_sized_to_depth() -> None:
@@ -57,8 +57,8 @@ def test_choose_weighs_the_judge_free_measure() -> None:
 
 
 @pytest.mark.slow
-def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_run, tmp_path: Path) -> None:
-    vec, _ = evil_run
+def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_vector, tmp_path: Path) -> None:
+    vec = evil_vector
     vfile = vec.save(tmp_path / "evil.pv.safetensors")
     # eval with the default measure (the trait has authored references): one row per answer, one per
     # condition and question in measure.jsonl, a summary per condition that names its measure

@@ -97,8 +97,8 @@ def test_bad_rows_are_skipped_and_counted(model32: pv.Model, tmp_path: Path) -> 
 
 
 def test_preventative_hooks_live_only_inside_training(fresh: pv.Model, model32: pv.Model, tmp_path: Path,
-                                                      evil_run: tuple[pv.PersonaVector, Path]) -> None:
-    vec = evil_run[0]
+                                                      evil_vector: pv.PersonaVector) -> None:
+    vec = evil_vector
     data = write_jsonl(tmp_path / "d.jsonl", rows(4))
     spy = HookSpy(fresh)
     before = hook_ids(fresh)
@@ -132,8 +132,8 @@ def test_preventative_hooks_live_only_inside_training(fresh: pv.Model, model32: 
 
 
 def test_caft_and_projection_penalty(model32: pv.Model, tmp_path: Path,
-                                     evil_run: tuple[pv.PersonaVector, Path]) -> None:
-    vec = evil_run[0]
+                                     evil_vector: pv.PersonaVector) -> None:
+    vec = evil_vector
     data = write_jsonl(tmp_path / "d.jsonl", rows(4))
     m = copy.deepcopy(model32)
     spy = HookSpy(m)
@@ -168,12 +168,12 @@ class PoisonAfterFirstCheckpoint(TrainerCallback):
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(model32: pv.Model, tmp_path: Path,
-                                                 evil_run: tuple[pv.PersonaVector, Path]) -> None:
+                                                 evil_vector: pv.PersonaVector) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", rows(4))
     m = copy.deepcopy(model32)
     # a coefficient whose product with the vector overflows float32 is refused before any step
     with pytest.raises(PersonavecError, match=r"coefficient 1e\+38 at layer .* overflows float32"):
-        train(m, data, tmp_path / "huge", TINY, Interventions(preventative=evil_run[0], coef=1e38))
+        train(m, data, tmp_path / "huge", TINY, Interventions(preventative=evil_vector, coef=1e38))
     assert hook_ids(m) == hook_ids(model32) and not (tmp_path / "huge" / "checkpoint-1").exists()
     m = copy.deepcopy(model32)
     with pytest.raises(PersonavecError, match="loss became nan at step 1; no checkpoint"):
@@ -202,12 +202,12 @@ def test_resume_from_checkpoint_and_refuse_other_settings(model32: pv.Model, tmp
 
 
 def test_vectors_and_adapters_for_other_models_are_refused(model32: pv.Model, tmp_path: Path,
-                                                           evil_run: tuple[pv.PersonaVector, Path]) -> None:
+                                                           evil_vector: pv.PersonaVector) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", rows(2))
-    alien = evil_run[0].with_meta(fingerprint="0" * 16, model_id="someone/else")
+    alien = evil_vector.with_meta(fingerprint="0" * 16, model_id="someone/else")
     with pytest.raises(VectorError, match="allow-model-mismatch"):
         train(model32, data, tmp_path / "x", TINY, Interventions(preventative=alien, coef=1.0))
-    short = pv.PersonaVector({k: t[:, :8] for k, t in evil_run[0].tensors.items()}, evil_run[0].meta)
+    short = pv.PersonaVector({k: t[:, :8] for k, t in evil_vector.tensors.items()}, evil_vector.meta)
     with pytest.raises(VectorError, match="shape"):
         train(model32, data, tmp_path / "y", TINY, Interventions(ablate=short))
     with pytest.raises(PersonavecError, match="needs a vector"):
@@ -223,8 +223,8 @@ def test_vectors_and_adapters_for_other_models_are_refused(model32: pv.Model, tm
 
 @pytest.mark.slow
 def test_cli_train_shift_and_bad_dataset(cli: Cli, model32: pv.Model, tmp_path: Path,
-                                         evil_run: tuple[pv.PersonaVector, Path]) -> None:
-    vec = evil_run[0].save(tmp_path / "evil.pv.safetensors")
+                                         evil_vector: pv.PersonaVector) -> None:
+    vec = evil_vector.save(tmp_path / "evil.pv.safetensors")
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
     line = error_line(cli("train", str(empty), "--out", str(tmp_path / "never"), ok=False))
     assert line.count("no trainable rows") == 1
@@ -232,7 +232,7 @@ def test_cli_train_shift_and_bad_dataset(cli: Cli, model32: pv.Model, tmp_path: 
     proc = cli("train", str(data), "--out", str(tmp_path / "a"), "--max-steps", "1", "--batch-size", "2",
                "--rank", "4", "--save-steps", "1", "--preventative", str(vec), "--coef", "2")
     assert "2 of 3 rows kept" in proc.stderr and "1 unknown roles" in proc.stderr
-    assert "wrote adapter" in proc.stdout and f"finetuning shift at layer {evil_run[0].layer}" in proc.stdout
+    assert "wrote adapter" in proc.stdout and f"finetuning shift at layer {evil_vector.layer}" in proc.stdout
     assert not any("lora" in n for n, _ in model32.hf.named_modules())  # trained a copy, not the session's model
     proc = cli("shift", "--adapter", str(tmp_path / "a"), "--vector", str(vec), "--n-questions", "2", "--json")
     result = json.loads(proc.stdout)

@@ -26,7 +26,7 @@ SMOKE = ReproduceSettings(
     sweep=SweepStage(layers=(18,), coefs=(1.0,), n_select=2, n_report=3, max_new_tokens=6, random_seeds=(0,),
                      selection_controls=True, coherence_min=0.0),
     capability=CapabilityStage(n_texts=3, n_quiz=6),
-    monitor=MonitorStage(n_questions=2, conditions=("graded",), shots=(), rollouts=1, max_new_tokens=6),
+    monitor=MonitorStage(n_questions=1, conditions=("graded",), shots=(), rollouts=1, max_new_tokens=6),
     # the vaccine's two kinds of method (one trained, one steered at inference), one setting each
     finetune=FinetuneStage(sets=("normal", "II"), seeds=(0,), batch_size=4, max_length=96, max_steps=1,
                            max_rows=16, n_questions=2, vaccine=("infer", "prevent"), preventative_coefs=(1.0,),
