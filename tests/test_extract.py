@@ -5,7 +5,9 @@ it never saw along the vector."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,26 +49,37 @@ def test_steering_moves_the_answers_along_the_vector(model: pv.Model, evil_vecto
     assert own[2.0] - own[-2.0] > 3 * abs(ctrl[2.0] - ctrl[-2.0]), (own, ctrl)
 
 
-def test_interrupted_run_resumes_without_redoing_work(model: pv.Model, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    kwargs = dict(run_dir=run, n_questions=2, max_new_tokens=8, batch_size=4)
+KWARGS: dict[str, Any] = dict(n_questions=2, max_new_tokens=8, batch_size=4)
+
+
+@dataclass
+class Resumed:
+    run: Path
+    first: list[dict[str, Any]]  # the rollouts stored before the interruption
+    scored_before: bool  # whether scores.jsonl existed after the interruption
+    seen: list[tuple[str, int, int]]  # the resumed call's progress reports
+    vector: pv.PersonaVector
+
+
+@pytest.fixture(scope="module")
+def resumed(model: pv.Model, tmp_path_factory: pytest.TempPathFactory) -> Resumed:
+    """A small extraction interrupted inside its second chunk of rollouts, then run again to the end."""
+    run = tmp_path_factory.mktemp("extract") / "run"
 
     def stop_in_second_chunk(task: str, done: int, total: int) -> None:
         if task == "rollouts" and done >= 12:  # inside the second chunk of 8
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pv.extract(model, "evil", progress=stop_in_second_chunk, **kwargs)
-    first = read_jsonl(run / "rollouts.jsonl")
-    assert len(first) == 8 and not (run / "scores.jsonl").exists()
+        pv.extract(model, "evil", run_dir=run, progress=stop_in_second_chunk, **KWARGS)
+    first, scored_before = read_jsonl(run / "rollouts.jsonl"), (run / "scores.jsonl").exists()
     seen: list[tuple[str, int, int]] = []
-    vec = pv.extract(model, "evil", progress=lambda t, d, n: seen.append((t, d, n)), **kwargs)
-    rows = read_jsonl(run / "rollouts.jsonl")
-    assert len(rows) == 20 and len({r["key"] for r in rows}) == 20
-    assert rows[:8] == first  # finished work kept as it was
-    assert min(d for t, d, _ in seen if t == "rollouts") >= 8  # progress restarted from the checkpoint
-    assert vec.meta["counts"]["positive_total"] == 10
-    # the vector's shape and provenance; the run folder holds every rollout and score, keyed, plus a manifest
+    vec = pv.extract(model, "evil", run_dir=run, progress=lambda t, d, n: seen.append((t, d, n)), **KWARGS)
+    return Resumed(run, first, scored_before, seen, vec)
+
+
+def test_vector_shape_and_provenance(model: pv.Model, resumed: Resumed) -> None:
+    vec, run = resumed.vector, resumed.run
     assert set(vec.tensors) == {"response", "prompt", "last_prompt"}
     for t in vec.tensors.values():
         assert tuple(t.shape) == (model.n_layers + 1, model.hidden_size)
@@ -77,12 +90,23 @@ def test_interrupted_run_resumes_without_redoing_work(model: pv.Model, tmp_path:
     c = meta["counts"]
     assert c["positive_total"] == c["negative_total"] == 10
     assert 0 < c["positive_kept"] <= 10 and 0 < c["negative_kept"] <= 10
+    # the run folder holds every rollout and score, keyed, plus a manifest
+    rows = read_jsonl(run / "rollouts.jsonl")
     scores = {r["key"]: r["score"] for r in read_jsonl(run / "scores.jsonl")}
-    assert set(scores) == {r["key"] for r in rows}
+    assert len(rows) == 20 and set(scores) == {r["key"] for r in rows}
     assert json.loads((run / "manifest.json").read_text())["kind"] == "extract"
     assert (run / "vector.pv.safetensors").exists()
+
+
+def test_interrupted_run_resumes_without_redoing_work(model: pv.Model, resumed: Resumed) -> None:
+    run, first, seen = resumed.run, resumed.first, resumed.seen
+    assert len(first) == 8 and not resumed.scored_before
+    rows = read_jsonl(run / "rollouts.jsonl")
+    assert len(rows) == 20 and len({r["key"] for r in rows}) == 20
+    assert rows[:8] == first  # finished work kept as it was
+    assert min(d for t, d, _ in seen if t == "rollouts") >= 8  # progress restarted from the checkpoint
     # a third call finds everything done: no new rows at all
-    pv.extract(model, "evil", **kwargs)
+    pv.extract(model, "evil", run_dir=run, **KWARGS)
     assert len(read_jsonl(run / "rollouts.jsonl")) == 20 and len(read_jsonl(run / "scores.jsonl")) == 20
     with pytest.raises(RunError, match="max_new_tokens"):
         pv.extract(model, "evil", run_dir=run, n_questions=2, max_new_tokens=9, batch_size=4)
