@@ -71,11 +71,10 @@ def test_eval_sweep_report_and_default_layer(model: pv.Model, evil_vector, tmp_p
     assert len(read_jsonl(tmp_path / "eval" / "measure.jsonl")) == 9
     assert not (tmp_path / "eval" / "reference.jsonl").exists()  # nothing generated under the trait's prompts
     # the contrast judge stays available (with the prompted judge-free measure), and controls run beside
-    ctrl = evaluate(model, "evil", vector=vec, conditions=[Condition(18, -4.0), Condition(18, 0.0), Condition(18, 4.0)],
+    ctrl = evaluate(model, "evil", vector=vec, conditions=[Condition(18, 0.0), Condition(18, 4.0)],
                     judge="contrast", settings=TINY, run_dir=tmp_path / "eval_contrast",
                     controls={"random0": pv.random_like(vec, 0)})
-    assert [(c.control, c.coef) for c in ctrl] == [(None, -4.0), (None, 0.0), (None, 4.0),
-                                                         ("random0", -4.0), ("random0", 4.0)]
+    assert [(c.control, c.coef) for c in ctrl] == [(None, 0.0), (None, 4.0), ("random0", 4.0)]
     assert all(c.measure == "contrast" and c.judge_free_mean is not None for c in ctrl)
     assert len(read_jsonl(tmp_path / "eval_contrast" / "reference.jsonl")) == 8
     # sweep: tiny grid, choice written into the vector file, resumable without recomputation
