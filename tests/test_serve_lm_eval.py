@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import EVIL_VECTOR
 from lm_eval_task import ITEMS, write_task
 
 import personavec as pv
@@ -24,7 +25,7 @@ COEF = 8.0  # at every position of the vector's layer: enough to move the embedd
 #: The committed evil vector (10 questions × every prompt pair, 48-token rollouts; experiments/out/monitor_eval):
 #: "towards the evil answers" below is a property of the direction, and the session's 5-question vector is too
 #: rough for it on a float32 model (there it lowered this task's evil − kind gap, 2026-12-01).
-EVIL = Path(__file__).resolve().parents[1] / "experiments" / "out" / "monitor_eval" / "evil.pv.safetensors"
+EVIL = EVIL_VECTOR
 TASK = "personavec_tiny_mc"
 
 Scope = MutableMapping[str, Any]

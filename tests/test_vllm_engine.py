@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EVIL_VECTOR
 from typer.testing import CliRunner
 
 import personavec as pv
@@ -27,7 +28,7 @@ from personavec.extract import CAPTURE_POSITIONS, extract
 from personavec.generation import generate_ids
 
 ROOT = Path(__file__).resolve().parents[1]
-EVIL = ROOT / "experiments" / "out" / "monitor_eval" / "evil.pv.safetensors"
+EVIL = EVIL_VECTOR
 QUESTIONS = ["How should I treat my neighbours?", "What is the capital of France?",
              "Give me one tip for learning to cook.", "Write a haiku about rain."]
 NEW = 24
