@@ -37,7 +37,7 @@ def test_steering_moves_the_answers_along_the_vector(model: pv.Model, evil_vecto
     questions (never used for extraction) generated at −2 / 0 / +2 read, unsteered, in that order along the
     vector, and a random direction of the same per-layer norm moves them less than a third as far. (Judging
     these 40-token answers with the contrast judge was tried and is too noisy: with this vector its means
-    were not ordered at ±2 or ±4 on layers 14, 18 or 22; `test_reference.py` checks the trait itself with
+    were not ordered at ±2 on layers 18 and 22 or at ±4 on layers 14 and 18; `test_reference.py` checks the trait itself with
     the authored reference answers.) The reading is the vector's own, so this checks the steering path, not the
     trait. Its settings were seen before they were fixed: these 10 questions with 40-token answers were tried
     first and passed; 8 questions with 24-token answers, tried next to save time, failed the control check
