@@ -29,6 +29,12 @@ Resumable: each finished finetune appends one row to runs.jsonl and is skipped o
 quiz and the random-direction shift to rows from before they were measured (adapters in --work; it
 runs after the finetunes, and checks that the remeasured shift equals the stored one).
 Writes results.json and results.md.
+
+Inference-time steering needs the plain II adapters in --work. Where one is missing (the earlier runs' work
+folders were not kept), the II set is finetuned again with the plain settings into the set "II-retrained"; the
+retrained adapter is measured unsteered (its own row in the plain table: how far a retrain lands from the
+original) and the whole inference-time comparison (grid, choice, seeds, control) runs on the retrained
+adapters, each scored against its own retrained adapter, never against the original II rows.
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ HALF_A, HALF_B = range(0, 10), range(10, 20)  # choose on A, report on B
 PPL_CAP = 1.05
 RANDOM_SEEDS = range(5)
 GRIDS: dict[str, tuple[float, ...]] = {"prevent": (0.5, 1.0, 2.0), "penalty": (0.1, 1.0), "infer": (0.5, 1.0, 2.0, 4.0)}
+#: The plain II set finetuned again when its adapters are gone (see the docstring); a set name, not a data file.
+RETRAINED = "II-retrained"
 #: Coefficients added to a method's grid AFTER its pre-set grid's results were seen, run as the method "<kind>+"
 #: (its own choice over the whole extended grid, its own seeds and control) and reported beside the pre-set
 #: choice, labelled as an extension. Sycophancy's preventative steering: removal on questions 0–9 still rose at
@@ -126,7 +134,8 @@ def folder_name(trait: str, name: str, condition: str, seed: int) -> str:
 
 def run_one(bench: Bench, name: str, condition: str, seed: int, work: Path, runs_path: Path,
             dataset_dp: float | None) -> dict[str, Any]:
-    """Finetune (or, for infer:C, steer the plain finetune), measure, append the row."""
+    """Finetune (or, for infer:C, steer the plain finetune), measure, append the row. The set II-retrained
+    trains on II's data."""
     t = time.time()
     if vaccine_rule.inference_coef(condition):  # infer:C and its random-direction control steer the plain finetune
         model = bench.finetuned(work / folder_name(bench.trait, name, "plain", seed))
@@ -134,7 +143,8 @@ def run_one(bench: Bench, name: str, condition: str, seed: int, work: Path, runs
     else:
         folder = work / folder_name(bench.trait, name, condition, seed)
         shutil.rmtree(folder, ignore_errors=True)
-        train(copy.deepcopy(bench.base), bench.data / bench.trait / f"{name}.jsonl", folder,
+        data = "II" if name == RETRAINED else name
+        train(copy.deepcopy(bench.base), bench.data / bench.trait / f"{data}.jsonl", folder,
               TrainSettings(seed=seed, **SETTINGS), interventions_for(condition, bench.vec, bench.vec.layer),
               allow_mismatch=True)
         row = bench.measure(bench.finetuned(folder))
@@ -162,11 +172,12 @@ def removal(row: dict[str, Any], normal: dict[str, Any], plain: dict[str, Any], 
     return vaccine_rule.removal(scored(row), scored(normal), scored(plain), list(half))
 
 
-def choose(rows: list[dict[str, Any]], trait: str, kind: str, seed: int) -> str | None:
-    """The coefficient chosen on half A at `seed` (None until the whole grid is measured). Rows of `trait`."""
+def choose(rows: list[dict[str, Any]], trait: str, kind: str, seed: int, iset: str = "II") -> str | None:
+    """The coefficient chosen on half A at `seed` (None until the whole grid is measured). Rows of `trait`;
+    `iset` the II adapters the method ran on (II-retrained: inference-time steering of retrained adapters)."""
     by = index(rows)
-    normal, plain = by.get(("normal", "plain", seed)), by.get(("II", "plain", seed))
-    grid = [by.get(("II", cond, seed)) for cond in conditions(trait, kind)]
+    normal, plain = by.get(("normal", "plain", seed)), by.get((iset, "plain", seed))
+    grid = [by.get((iset, cond, seed)) for cond in conditions(trait, kind)]
     if normal is None or plain is None or any(g is None for g in grid):
         return None
     return vaccine_rule.choose([scored(g) for g in grid if g is not None], scored(normal), scored(plain),
@@ -180,23 +191,37 @@ def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: flo
     def done() -> dict[tuple[str, str, int | None], dict[str, Any]]:
         return index([r for r in read_jsonl(runs_path) if r["trait"] == bench.trait])
 
-    def ensure(condition: str, seed: int) -> None:
-        if ("II", condition, seed) not in done():
-            run_one(bench, "II", condition, seed, work, runs_path, dp)
+    def ensure(condition: str, seed: int, iset: str = "II") -> None:
+        if (iset, condition, seed) not in done():
+            run_one(bench, iset, condition, seed, work, runs_path, dp)
+
+    def complete(kind: str, iset: str) -> bool:
+        """Every row the method needs on `iset` is there (grid, chosen at each seed, controls if asked)."""
+        chosen = choose(list(done().values()), bench.trait, kind, seeds[0], iset)
+        need = [] if chosen is None else [(iset, c, k) for k in seeds for c in
+                                          (chosen, *([vaccine_rule.control_of(chosen)] if controls else []))]
+        return chosen is not None and all(n in done() for n in need)
 
     for kind in methods:  # inference first (no training), then the paper's method
+        iset = "II"
+        if (kind == "infer" and not complete(kind, "II")
+                and not all((work / folder_name(bench.trait, "II", "plain", s)).is_dir() for s in seeds)):
+            iset = RETRAINED  # the adapters are gone: steer retrained ones, scored against themselves
+            for seed in seeds:
+                ensure("plain", seed, iset)
         if kind == "caft":
             chosen: str | None = "caft"
         else:
             for cond in conditions(bench.trait, kind):
-                ensure(cond, seeds[0])
-            chosen = choose(list(done().values()), bench.trait, kind, seeds[0])
-            print(f"{bench.trait} {kind}: chosen on questions 0–9 at seed {seeds[0]}: {chosen}", flush=True)
+                ensure(cond, seeds[0], iset)
+            chosen = choose(list(done().values()), bench.trait, kind, seeds[0], iset)
+            print(f"{bench.trait} {kind} ({iset} adapters): chosen on questions 0–9 at seed {seeds[0]}: {chosen}",
+                  flush=True)
         assert chosen is not None
         for seed in seeds:
-            ensure(chosen, seed)
+            ensure(chosen, seed, iset)
         for seed in seeds if controls else []:
-            ensure(vaccine_rule.control_of(chosen), seed)
+            ensure(vaccine_rule.control_of(chosen), seed, iset)
 
 
 def fill(bench: Bench, runs_path: Path, work: Path) -> None:
@@ -370,7 +395,7 @@ def correlations(res: dict[str, Any], plain: list[dict[str, Any]], lines: list[s
                  dp_random: dict[str, list[float]]) -> None:
     """(a) shift vs trait change and (b) dataset ΔP vs trait change, across the plain finetunes."""
     base = next((r for r in plain if r["set"] == "base"), None)
-    fts = [r for r in plain if r["set"] != "base"]
+    fts = [r for r in plain if r["set"] not in ("base", RETRAINED)]  # a retrain repeats II: not another finetune
     if base is None or len({r["set"] for r in fts}) < 3:
         return
     change = [r["reference"] - base["reference"] for r in fts]
@@ -473,29 +498,31 @@ def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str
               "|---|---|---|---|---|---|---|---|---|"]
     res["mitigations"] = {}
     s0 = seeds[0]
-    for kind in ("prevent", "prevent+", "penalty", "infer", "caft"):
+    retrained = any(r["set"] == RETRAINED and condition_of(r) != "plain" for r in mine)
+    for kind, iset in (("prevent", "II"), ("prevent+", "II"), ("penalty", "II"), ("infer", "II"),
+                       *((("infer", RETRAINED),) if retrained else ()), ("caft", "II")):
         if kind.endswith("+") and (trait, kind.removesuffix("+")) not in EXTENDED:
             continue
         conds = conditions(trait, kind)
         grid = []
         for cond in conds:
-            g, normal, plain = by.get(("II", cond, s0)), by.get(("normal", "plain", s0)), by.get(("II", "plain", s0))
+            g, normal, plain = by.get((iset, cond, s0)), by.get(("normal", "plain", s0)), by.get((iset, "plain", s0))
             if g is not None and normal is not None and plain is not None:
                 grid.append(f"{cond.partition(':')[2] or 'caft'} → {removal(g, normal, plain, HALF_A):+.2f} "
                             f"({g['perplexity'] / plain['perplexity']:.3f})")
-        chosen = "caft" if kind == "caft" else choose(mine, trait, kind, s0)
+        chosen = "caft" if kind == "caft" else choose(mine, trait, kind, s0, iset)
         if chosen is None:
             continue
         runs = {key: scored(r) for key, r in by.items()}
         normals = {k: v for (name, cond, k), v in runs.items() if name == "normal" and cond == "plain" and k is not None}
-        plains = {k: v for (name, cond, k), v in runs.items() if name == "II" and cond == "plain" and k is not None}
+        plains = {k: v for (name, cond, k), v in runs.items() if name == iset and cond == "plain" and k is not None}
         ok = [k for k in seeds if k in normals and k in plains]
-        at = [runs[("II", chosen, k)] for k in ok if ("II", chosen, k) in runs]
+        at = [runs[(iset, chosen, k)] for k in ok if (iset, chosen, k) in runs]
         if not at:
             continue
-        ctrl = [runs[("II", vaccine_rule.control_of(chosen), k)] for k in ok
-                if ("II", vaccine_rule.control_of(chosen), k) in runs]
-        m = vaccine_rule.summarize(kind, [runs[("II", c, s0)] for c in conds if ("II", c, s0) in runs], at, normals,
+        ctrl = [runs[(iset, vaccine_rule.control_of(chosen), k)] for k in ok
+                if (iset, vaccine_rule.control_of(chosen), k) in runs]
+        m = vaccine_rule.summarize(kind, [runs[(iset, c, s0)] for c in conds if (iset, c, s0) in runs], at, normals,
                                    plains, list(HALF_A), list(HALF_B), ctrl)  # the library's rule, as reproduce
         rem, n = m.removal_per_seed, len(m.seeds)
         ratio = [v + 1 if v is not None else None for v in (m.ppl_cost.mean, m.ppl_cost.low, m.ppl_cost.high)]
@@ -511,8 +538,10 @@ def mitigations(res: dict[str, Any], mine: list[dict[str, Any]], lines: list[str
             one = " (one seed)" if m.control.n == 1 else ""
             control_cells = (f"{fmt(interval_of(m.control), 2)}{one} ({1 + (m.control_ppl_cost.mean or 0):.3f}) | "
                              f"{fmt(interval_of(m.beyond_control), 2)} ({m.beyond_control.n} seeds)")
-        res["mitigations"][kind] = entry
+        key = kind if iset == "II" else f"{kind} ({iset})"
+        res["mitigations"][key] = entry
         label = f"{kind.removesuffix('+')}, grid extended after its results" if kind.endswith("+") else kind
+        label += "" if iset == "II" else ", on retrained plain II adapters (perplexity and removal against them)"
         lines.append(f"| {label} | {'; '.join(grid)} | {chosen} | {n} | "
                      f"{fmt(entry['removal_half_b'], 2) if n > 1 else f'{rem[0]:+.2f} (one seed)'} | "
                      f"{fmt(ratio, 3) if n > 1 else f'{ratio[0]:.3f} (one seed)'} | "
