@@ -197,10 +197,11 @@ def vaccine(bench: Bench, seeds: list[int], work: Path, runs_path: Path, dp: flo
 
     def complete(kind: str, iset: str) -> bool:
         """Every row the method needs on `iset` is there (grid, chosen at each seed, controls if asked)."""
-        chosen = choose(list(done().values()), bench.trait, kind, seeds[0], iset)
+        have = done()  # runs.jsonl read once
+        chosen = choose(list(have.values()), bench.trait, kind, seeds[0], iset)
         need = [] if chosen is None else [(iset, c, k) for k in seeds for c in
                                           (chosen, *([vaccine_rule.control_of(chosen)] if controls else []))]
-        return chosen is not None and all(n in done() for n in need)
+        return chosen is not None and all(n in have for n in need)
 
     for kind in methods:  # inference first (no training), then the paper's method
         iset = "II"
@@ -369,8 +370,16 @@ def summarize(out: Path, rows: list[dict[str, Any]], dp_random: Path | None = No
                          f"{'–' if rnd is None else f'{rnd:.1f}'} | {entry['perplexity']:.2f} | "
                          f"{'–' if quiz is None else f'{quiz:.3f}'} | {'–' if dp is None else f'{dp:.2f}'} |")
         by_seed = {r["seed"]: r for r in plain if r["set"] == "normal"}
+        by_ii = {r["seed"]: r for r in plain if r["set"] == "II"}
         diffs = [r["reference"] - by_seed[r["seed"]]["reference"] for r in plain
                  if r["set"] == "II" and r["seed"] in by_seed]
+        retrains = [(r, by_ii[r["seed"]]) for r in plain if r["set"] == RETRAINED and r["seed"] in by_ii]
+        if retrains:  # how closely a retrain reproduces the original II finetune, per evaluation question
+            gap = max(abs(a - b) for r, o in retrains
+                      for a, b in zip(r["reference_per_question"], o["reference_per_question"], strict=True))
+            res["retrained_max_abs_gap_per_question"] = gap
+            lines.append(f"| {trait} | II-retrained − II, largest gap on any question | {len(retrains)} | {gap:.1e} "
+                         "| | | | | |")
         if len(diffs) > 1:
             res["II_minus_normal"] = t_interval(diffs)
             lines.append(f"| {trait} | II − normal (paired by seed) | {len(diffs)} | {fmt(res['II_minus_normal'])} "
