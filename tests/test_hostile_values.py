@@ -316,6 +316,25 @@ def test_unloadable_models_are_one_line(cli: Cli, model: pv.Model, tmp_path: Pat
     assert not list(cache.glob("models/*"))  # no half-converted model left in the cache
 
 
+def test_a_gguf_is_parsed_once_while_it_converts(model: pv.Model, tmp_path: Path) -> None:
+    """transformers reads a GGUF three times (config, tokenizer, weights); the conversion hands it one parse of
+    the file, and only for that file and only while converting."""
+    import gguf
+
+    from personavec.models import _parsed_once
+
+    path, other = (export_gguf(_vector(model), tmp_path / f"{n}.gguf", layers=[LAYER]) for n in ("a", "b"))
+    original = gguf.GGUFReader
+    with _parsed_once(path):
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(path) is first and isinstance(first, original)
+        assert gguf.GGUFReader(str(other)) is not first
+        assert gguf.GGUFReader(str(path), "r+") is not first  # another mode is another reader
+    assert gguf.GGUFReader is original
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file"), _parsed_once(tmp_path / "missing.gguf"):
+        pass
+
+
 # ---- text files that are not UTF-8 -----------------------------------------------------------------------------
 @pytest.mark.parametrize(("command", "needle"), [
     pytest.param(["generate", "--max-new-tokens", "4", "--file"], "prompt file", id="generate-file"),
