@@ -330,7 +330,9 @@ def test_a_gguf_is_parsed_once_while_it_converts(model: pv.Model, tmp_path: Path
         assert gguf.GGUFReader(path) is first and isinstance(first, original)
         assert gguf.GGUFReader(str(other)) is not first
         assert gguf.GGUFReader(str(path), "r+") is not first  # another mode is another reader
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 4) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 4)
     assert gguf.GGUFReader is original
+    assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 4) is not gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 4)
     with pytest.raises(ModelLoadError, match="not a readable GGUF file"), _parsed_once(tmp_path / "missing.gguf"):
         pass
 

@@ -273,10 +273,14 @@ def _parsed_once(gguf: Path) -> Any:
 
     Parsing is the slow part of a first load (about 9 s for the embedded model's 49k-token vocabulary and
     merges, in Python), and transformers parses the file again for the config, the tokenizer and the weights.
-    Parsing first also makes a corrupt or truncated file one line naming it."""
+    Parsing first also makes a corrupt or truncated file one line naming it. transformers also rebuilds gguf's
+    tensor-name table once per module (about 400 times, 10 s); the same arguments give the same table, so
+    that is built once too."""
+    import functools
+
     import gguf as gguf_pkg
 
-    original = gguf_pkg.GGUFReader
+    original, name_map = gguf_pkg.GGUFReader, gguf_pkg.get_tensor_name_map
     try:
         reader = original(str(gguf))
     except Exception as exc:  # the reader parses untrusted bytes: ValueError, struct errors, IndexError, ...
@@ -288,10 +292,11 @@ def _parsed_once(gguf: Path) -> Any:
         return reader if same else original(path, *args, **kwargs)
 
     gguf_pkg.GGUFReader = shared  # type: ignore[assignment,misc]
+    gguf_pkg.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)  # type: ignore[assignment]
     try:
         yield
     finally:
-        gguf_pkg.GGUFReader = original  # type: ignore[misc]
+        gguf_pkg.GGUFReader, gguf_pkg.get_tensor_name_map = original, name_map  # type: ignore[misc]
 
 
 def _dequantized_folder(gguf: Path) -> Path:
