@@ -292,7 +292,7 @@ def _parsed_once(gguf: Path) -> Any:
         return reader if same else original(path, *args, **kwargs)
 
     gguf_pkg.GGUFReader = shared  # type: ignore[assignment,misc]
-    gguf_pkg.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)  # type: ignore[assignment]
+    gguf_pkg.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
     try:
         yield
     finally:
