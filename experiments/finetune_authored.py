@@ -369,11 +369,11 @@ def summarize(out: Path, rows: list[dict[str, Any]], dp_random: Path | None = No
             lines.append(f"| {trait} | {name} | {len(sub)} | {fmt(entry['reference'])} | {fmt(entry['shift'], 1)} | "
                          f"{'–' if rnd is None else f'{rnd:.1f}'} | {entry['perplexity']:.2f} | "
                          f"{'–' if quiz is None else f'{quiz:.3f}'} | {'–' if dp is None else f'{dp:.2f}'} |")
-        by_seed = {r["seed"]: r for r in plain if r["set"] == "normal"}
-        by_ii = {r["seed"]: r for r in plain if r["set"] == "II"}
-        diffs = [r["reference"] - by_seed[r["seed"]]["reference"] for r in plain
-                 if r["set"] == "II" and r["seed"] in by_seed]
-        retrains = [(r, by_ii[r["seed"]]) for r in plain if r["set"] == RETRAINED and r["seed"] in by_ii]
+        normal_at = {r["seed"]: r for r in plain if r["set"] == "normal"}
+        ii_at = {r["seed"]: r for r in plain if r["set"] == "II"}
+        diffs = [r["reference"] - normal_at[r["seed"]]["reference"] for r in plain
+                 if r["set"] == "II" and r["seed"] in normal_at]
+        retrains = [(r, ii_at[r["seed"]]) for r in plain if r["set"] == RETRAINED and r["seed"] in ii_at]
         if retrains:  # how closely a retrain reproduces the original II finetune, per evaluation question
             gap = max(abs(a - b) for r, o in retrains
                       for a, b in zip(r["reference_per_question"], o["reference_per_question"], strict=True))
