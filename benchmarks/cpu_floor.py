@@ -1,7 +1,8 @@
 """How close the embedded model runs to this CPU's own limits, on one thread (what each `make test` worker gets):
 the float32 matrix-product peak beside a batched decoder forward (compute-bound), and the memory-copy rate
 beside one decode step (bound by reading the weights). A suite that already runs near both limits can only
-get faster by doing fewer tokens' work.
+get faster by doing fewer tokens' work. The forward's GFLOPS count 2 FLOPs per weight per token (attention's
+own products, small at 64 tokens, are left out, so the figure is a slight underestimate).
 
     .venv/bin/python benchmarks/cpu_floor.py    # output: benchmarks/results/cpu_floor.txt
 """
