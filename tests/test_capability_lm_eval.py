@@ -67,16 +67,18 @@ def loaded(task_dir: Path) -> lm_eval_tasks.LoadedTasks:
     return load_tasks([TASK], include_path=task_dir, include_defaults=False)
 
 
-def test_per_item_accuracy_is_the_projects_own_likelihood(model: pv.Model, loaded: lm_eval_tasks.LoadedTasks
+def test_per_item_accuracy_is_the_projects_own_likelihood(model32: pv.Model, loaded: lm_eval_tasks.LoadedTasks
                                                           ) -> None:
     """lm-eval's per-item acc is the argmax of the summed log-likelihoods personavec computes for the same
-    tokens; the result is typed, per item, in task order."""
+    tokens; the result is typed, per item, in task order. In float32: two code paths agree to rounding there
+    (in bfloat16 a sum over ~25 tokens differs by up to ~0.35 nats between lm-eval's padded batches and ours)."""
+    model = model32
     res = run_tasks(model, loaded, batch_size=2)
     items = res.tasks[TASK]
     assert items.subtasks == [TASK] and items.item_ids == [f"{TASK}/{i}" for i in range(len(ITEMS))]
     own = own_loglikelihoods(model)
     assert [x for item in items.loglikelihoods for x in item] == pytest.approx([x for item in own for x in item],
-                                                                              abs=0.05)
+                                                                              abs=1e-3)
     expected = [float(good > evil) for good, evil in own]  # label 0 (the kind answer) is right
     assert all(abs(good - evil) > 0.1 for good, evil in own)  # no near-tie for the tolerance above to flip
     assert items.correct == expected and items.accuracy == pytest.approx(sum(expected) / len(ITEMS))
@@ -86,17 +88,17 @@ def test_per_item_accuracy_is_the_projects_own_likelihood(model: pv.Model, loade
     assert limited.item_ids == items.item_ids[:3] and limited.correct == items.correct[:3]
 
 
-def test_steering_every_position_moves_the_items(model: pv.Model, loaded: lm_eval_tasks.LoadedTasks,
+def test_steering_every_position_moves_the_items(model32: pv.Model, loaded: lm_eval_tasks.LoadedTasks,
                                                  evil_vector: pv.PersonaVector) -> None:
     """Under `vec.steer(..., positions="all")` lm-eval scores the steered model: the same numbers as the
-    project's likelihood under the same hooks, and far from the unsteered ones."""
-    vec = evil_vector
+    project's likelihood under the same hooks, and far from the unsteered ones (float32, as above)."""
+    vec, model = evil_vector, model32
     plain = run_tasks(model, loaded, batch_size=2).tasks[TASK].loglikelihoods
     with vec.steer(model, coef=COEF, positions="all"):
         steered = run_tasks(model, loaded, batch_size=2).tasks[TASK].loglikelihoods
         own = own_loglikelihoods(model)
     flat, flat_steered = [x for i in plain for x in i], [x for i in steered for x in i]
-    assert flat_steered == pytest.approx([x for i in own for x in i], abs=0.05)
+    assert flat_steered == pytest.approx([x for i in own for x in i], abs=1e-3)
     assert max(abs(a - b) for a, b in zip(flat, flat_steered, strict=True)) > 0.5
 
 

@@ -94,8 +94,11 @@ def test_rerun_resumes_and_refuses_other_settings(tiny_run: tuple[MonitorSummary
                                                                   shot_tokens=6, temperature=0.0), run_dir=folder)
 
 
-def test_readings_agree_with_projection_and_likelihood(model: pv.Model, model32: pv.Model) -> None:
-    """The cached prompt-then-continuation readings equal the cache-free projection API and likelihood."""
+def test_readings_agree_with_projection_and_likelihood(model32: pv.Model) -> None:
+    """The cached prompt-then-continuation readings equal the cache-free projection API and likelihood. In
+    float32: there the two paths agree to rounding; in bfloat16 a padded prefill plus cached steps and one
+    cache-free forward round differently (0.07 nats/token apart on this prompt, 2026-12-02)."""
+    model = model32
     g = torch.Generator().manual_seed(3)
     vec = pv.PersonaVector(tensors={"response": torch.randn(model.n_layers + 1, model.hidden_size, generator=g)},
                            meta={"best_layer": 15, "fingerprint": model.fingerprint})
@@ -106,14 +109,13 @@ def test_readings_agree_with_projection_and_likelihood(model: pv.Model, model32:
     profile, lps, projs = prompt_readings(model, prompt, conts, dirs, "L15")
     ref = project(model, [Sample(prompt, c) for c in conts], {"v": vec})["v"]
     scale = float(ref["last_prompt"].abs().max())
-    assert profile[1] == pytest.approx(float(ref["last_prompt"][0]), abs=0.03 * scale)
+    assert profile[1] == pytest.approx(float(ref["last_prompt"][0]), abs=1e-3 * scale)
     assert lps[1] is None and projs[1] is None
     full = response_logprobs(model, [Sample(prompt, c) for c in conts])
     for k in (0, 2):
-        assert projs[k] == pytest.approx(float(ref["response"][k]), abs=0.03 * scale)
-        assert lps[k] == pytest.approx(full[k], abs=0.05)
-    # one continuation per batch reads the same as both in one padded batch (float32: bfloat16 rounds a padded
-    # batch differently)
+        assert projs[k] == pytest.approx(float(ref["response"][k]), abs=1e-3 * scale)
+        assert lps[k] == pytest.approx(full[k], abs=1e-3)
+    # one continuation per batch reads the same as both in one padded batch
     together = prompt_readings(model32, prompt, conts, dirs, "L15")
     alone = prompt_readings(model32, prompt, conts, dirs, "L15", batch_size=1)
     assert alone[0] == pytest.approx(together[0], abs=1e-4)
