@@ -9,10 +9,20 @@ import itertools
 import math
 from collections.abc import Sequence
 from statistics import NormalDist
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import stats as sps
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+
+def _sps() -> ModuleType:
+    """scipy.stats, imported on first use: it is a second of every `import personavec` (and so of every
+    command) otherwise, and most commands compute no interval."""
+    from scipy import stats
+
+    return stats
 
 
 def finite(values: Sequence[float | None]) -> list[float]:
@@ -53,7 +63,7 @@ def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_boot: int = 
     xs = np.asarray(values, dtype=float)
     if xs.size < 2:
         return (float("nan"), float("nan"))
-    res = sps.bootstrap((xs,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
+    res = _sps().bootstrap((xs,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
                         random_state=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
@@ -62,7 +72,7 @@ def pearson_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> t
     """(r, low, high): Pearson's r with its Fisher-z interval; NaN where undefined."""
     if len(x) < 4 or np.std(x) == 0 or np.std(y) == 0:
         return (float("nan"),) * 3
-    res = sps.pearsonr(x, y)
+    res = _sps().pearsonr(x, y)
     ci = res.confidence_interval(confidence_level=level)
     return float(res.statistic), float(ci.low), float(ci.high)
 
@@ -78,7 +88,7 @@ def pearson_bootstrap_ci(x: Sequence[float], y: Sequence[float], *, level: float
     def r(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else 0.0
 
-    res = sps.bootstrap((xs, ys), r, paired=True, vectorized=False, n_resamples=n_boot, confidence_level=level,
+    res = _sps().bootstrap((xs, ys), r, paired=True, vectorized=False, n_resamples=n_boot, confidence_level=level,
                         method="percentile", random_state=np.random.default_rng(seed))
     return r(xs, ys), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
@@ -132,7 +142,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
         raise ValueError(f"spearman needs paired values, got {xs.size} and {ys.size}")
     if xs.size < 2 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
         return float("nan")
-    return float(sps.spearmanr(xs, ys).statistic)
+    return float(_sps().spearmanr(xs, ys).statistic)
 
 
 def auc(pos: Sequence[float] | np.ndarray, neg: Sequence[float] | np.ndarray) -> float:
