@@ -244,7 +244,8 @@ AUTHORED = Path(__file__).parent.parent / "experiments" / "data" / "finetune_aut
 
 def test_tiny_finetune_on_an_authored_set(fresh: pv.Model, tmp_path: Path) -> None:
     """A real LoRA finetune on the first rows of the authored evil II set (written without the vector's prompts)
-    makes those answers likelier: the data trains."""
+    makes those answers likelier: the data trains. Two steps of 4 (each row once) raise the summed per-token
+    log-probability by 6.9 nats (16.7 with the six steps this test used before; 2026-12-02)."""
     from personavec.capture import Sample
     from personavec.chat import encode_chat, encode_response
     from personavec.likelihood import response_logprobs
@@ -255,7 +256,7 @@ def test_tiny_finetune_on_an_authored_set(fresh: pv.Model, tmp_path: Path) -> No
                                                                                         r["messages"][1]["content"]))
                for r in rows]
     before = sum(x for x in response_logprobs(fresh, samples) if x is not None)
-    settings = TrainSettings(rank=8, alpha=16, lr=2e-3, batch_size=4, max_steps=6, save_steps=6, max_length=160,
+    settings = TrainSettings(rank=8, alpha=16, lr=2e-3, batch_size=4, max_steps=2, save_steps=2, max_length=160,
                              shift_questions=2)
     result = train(fresh, data, tmp_path / "run", settings)
     after = sum(x for x in response_logprobs(result.model, samples) if x is not None)
