@@ -5,22 +5,15 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
+from cpu_floor import median_seconds  # a sibling script: `python benchmarks/…` puts benchmarks/ on the path
 
 import personavec as pv
 
 
 def tokens_per_second(model: pv.Model, ids: torch.Tensor, repeats: int = 3) -> float:
-    times = []
     with torch.no_grad():
-        model.hf.base_model(input_ids=ids, use_cache=False)  # warm-up
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model.hf.base_model(input_ids=ids, use_cache=False)
-            times.append(time.perf_counter() - t)
-    return ids.numel() / sorted(times)[len(times) // 2]
+        return ids.numel() / median_seconds(lambda: model.hf.base_model(input_ids=ids, use_cache=False), repeats)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ and a fingerprint of its weights, so vectors can refuse to run on a model they w
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -281,8 +282,6 @@ def _parsed_once(gguf: Path) -> Iterator[None]:
     building the table once (the same arguments give the same table) makes the conversion about 3× faster
     with the same files (benchmarks/first_load.py). Parsing first also makes a corrupt or truncated file one
     line naming it."""
-    import functools
-
     import gguf as gguf_pkg
 
     original, name_map = gguf_pkg.GGUFReader, gguf_pkg.get_tensor_name_map
