@@ -244,8 +244,7 @@ AUTHORED = Path(__file__).parent.parent / "experiments" / "data" / "finetune_aut
 
 def test_tiny_finetune_on_an_authored_set(fresh: pv.Model, tmp_path: Path) -> None:
     """A real LoRA finetune on the first rows of the authored evil II set (written without the vector's prompts)
-    makes those answers likelier: the data trains. Two steps of 4 (each row once) raise the summed per-token
-    log-probability by 6.9 nats (16.7 with the six steps this test used before; 2026-12-02)."""
+    makes those answers likelier: the data trains. Two steps of 4: each row once."""
     from personavec.capture import Sample
     from personavec.chat import encode_chat, encode_response
     from personavec.likelihood import response_logprobs
